@@ -1,0 +1,226 @@
+"""The `dgaetok` command: parses options, calls the library, prints. User mistakes exit 2 with one line."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DGAE image tokenizers: encode images to latents, decode them back, train, benchmark.")
+console = Console(stderr=True)
+out = Console()
+
+
+def user_errors(fn):
+    """Turn InputError into `error: <message>` and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def pick_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def run_job(job, items, verb: str) -> None:
+    """Drive a pipeline job with a progress bar, then print a summary; exit 1 if any input failed."""
+    from .pipeline import summarize
+
+    results = []
+    columns = (TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(verb, total=len(job))
+        for item in items:
+            results.append(item)
+            progress.advance(task)
+            if item.status == "failed":
+                console.print(f"[red]failed:[/red] {item.error}", highlight=False, soft_wrap=True)
+    summary = summarize(results)
+    console.print(f"{verb}: {len(summary['done'])} written, {len(summary['skipped'])} already there (skipped), "
+                  f"{len(summary['failed'])} failed", highlight=False)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+def load(model: Optional[str], device: torch.device):
+    from .models import load_model
+
+    return load_model(model, device)
+
+
+@app.command()
+@user_errors
+def encode(
+    src: Path = typer.Argument(..., help="An image or a folder, walked recursively."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the .safetensors latents (mirrors SRC)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
+    batch_size: int = typer.Option(16, min=1),
+    sample: bool = typer.Option(False, "--sample", help="Draw z from the posterior instead of taking its mean."),
+    keep_size: bool = typer.Option(False, "--keep-size", help="Encode whole images (sides must be multiples of f)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode files whose latent already exists."),
+    seed: int = typer.Option(0, help="Seed for --sample."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
+    workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
+):
+    """Encode images to latents, one .safetensors file per image."""
+    from .files import prepare_output_dir
+    from .pipeline import encode_folder, encode_job
+
+    dev = pick_device(device)
+    job = encode_job(src, output)
+    prepare_output_dir(output)
+    m = load(model, dev)
+    items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers)
+    run_job(job, items, "encode")
+
+
+@app.command()
+@user_errors
+def decode(
+    src: Path = typer.Argument(..., help="A latent file or a folder of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNGs (mirrors SRC)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
+    steps: int = typer.Option(50, min=1, help="ODE steps (network calls for Euler)."),
+    sampler: str = typer.Option("euler", help="euler or heun."),
+    shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift; > 1 spends more steps at high noise."),
+    seed: int = typer.Option(0, help="Noise seed: the same seed gives the same image on the same device."),
+    batch_size: int = typer.Option(16, min=1),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: Optional[str] = typer.Option(None),
+):
+    """Decode latents back to PNG images with the diffusion decoder."""
+    from .files import prepare_output_dir
+    from .flow import SAMPLERS
+    from .pipeline import decode_folder, decode_job
+
+    if sampler not in SAMPLERS:
+        raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
+    dev = pick_device(device)
+    job = decode_job(src, output)
+    prepare_output_dir(output)
+    m = load(model, dev)
+    items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite)
+    run_job(job, items, "decode")
+
+
+@app.command()
+@user_errors
+def info(file: Path = typer.Argument(..., help="A model or latent .safetensors file.")):
+    """Show what a model or latent file holds."""
+    from .files import LATENT_FORMAT, read_latent
+    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_model_file
+
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise InputError(f"{file}: no such file")
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            kind = (fh.metadata() or {}).get("format")
+    except Exception as exc:
+        raise InputError(f"{file}: not a safetensors file ({str(exc).splitlines()[0]})") from None
+    table = Table(show_header=False, box=None)
+    if kind == FORMAT:
+        meta, tensors = read_model_file(file)
+        config = DGAEConfig.from_json(meta["config"])
+        with torch.device("meta"):
+            counts = build_model(config).num_params()
+        table.add_row("kind", "model")
+        table.add_row("sha256", file_sha256(file))
+        table.add_row("latent", f"{config.latent_channels} x {config.resolution // config.downsample}^2 "
+                                f"(f{config.downsample}, {len(tensors)} tensors)")
+        table.add_row("params", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+        for key, value in sorted(meta.items()):
+            table.add_row(key, value)
+    elif kind == LATENT_FORMAT:
+        latent, meta = read_latent(file)
+        table.add_row("kind", "latent")
+        table.add_row("shape", str(tuple(latent.shape)))
+        table.add_row("stats", f"mean {latent.mean():.4f}  std {latent.std():.4f}")
+        for key, value in sorted(meta.items()):
+            table.add_row(key, value)
+    else:
+        raise InputError(f"{file}: neither a dgaetok model nor a latent file")
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def train(
+    data: Path = typer.Argument(..., help="Folder of training images."),
+    out_dir: Path = typer.Option(Path("runs/dgae"), "--out", "-o"),
+    preset: str = typer.Option("dgae-s", help="dgae-t, dgae-s, dgae-b, dgae-m or dgae-l."),
+    resolution: int = typer.Option(256),
+    downsample: int = typer.Option(16, "--downsample", "-f", help="Spatial factor f: 8, 16 or 32."),
+    latent_channels: int = typer.Option(8, "--latent-channels", "-c"),
+    crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
+    batch_size: int = typer.Option(96, help="Global batch, split over processes."),
+    steps: int = typer.Option(100_000),
+    lr: float = typer.Option(1e-4),
+    min_lr: float = typer.Option(1e-5),
+    warmup: int = typer.Option(10_000),
+    kl_weight: float = typer.Option(1e-6),
+    lpips_weight: float = typer.Option(1.0),
+    lpips_net: str = typer.Option("vgg"),
+    ema_decay: float = typer.Option(0.999),
+    log_every: int = typer.Option(10),
+    ckpt_every: int = typer.Option(1000),
+    sample_every: int = typer.Option(1000),
+    sample_steps: int = typer.Option(25),
+    workers: int = typer.Option(4),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    device: Optional[str] = typer.Option(None),
+):
+    """Train a DGAE tokenizer (under torchrun for several GPUs)."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    if not data.is_dir():
+        raise InputError(f"{data}: no such folder")
+    cfg = TrainConfig(
+        data=str(data), out=str(out_dir), preset=preset, resolution=resolution, downsample=downsample,
+        latent_channels=latent_channels, crop=crop, batch_size=batch_size, steps=steps, lr=lr, min_lr=min_lr,
+        warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
+        log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
+        workers=workers, seed=seed, resume=resume, device=device,
+    )
+    try:
+        run_training(cfg)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: checkpoint saved in {out_dir}; continue with --resume")
+        raise typer.Exit(130) from None
+    console.print(f"done: {out_dir / 'model.safetensors'}")
+
+
+def main() -> None:  # `python -m dgaetok.cli` for torchrun
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

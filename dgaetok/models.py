@@ -1,0 +1,267 @@
+"""DGAE: an SD-VAE encoder with a latent-conditioned ADM diffusion decoder; presets and the model file format.
+
+A model file is one ``.safetensors`` whose metadata holds the JSON config, so a file alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import flow
+from .errors import InputError
+from .files import atomic_path
+from .unet import UNet
+from .vae import DiagonalGaussian, Encoder, ch_mult_for
+
+FORMAT = "dgaetok-model/1"
+
+
+@dataclass(frozen=True)
+class DGAEConfig:
+    """Everything needed to rebuild a DGAE; the latent is (latent_channels, res / downsample, res / downsample).
+
+    ``enc_*`` configure the SD-VAE encoder (``enc_ch_mult`` None: derived from ``downsample``), ``unet_*`` the
+    ADM decoder (see `UNet` for each knob), ``resolution`` the training and default encoding size.
+    """
+
+    arch: str = "dgae"
+    resolution: int = 256
+    downsample: int = 16
+    latent_channels: int = 8
+    enc_channels: int = 128
+    enc_ch_mult: tuple[int, ...] | None = None
+    enc_res_blocks: int = 2
+    unet_channels: int = 128
+    unet_ch_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
+    unet_res_blocks: int = 2
+    unet_attention: tuple[int, ...] = ()
+    head_channels: int = 64
+    dropout: float = 0.0
+    preset: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        # JSON round trips turn tuples into lists; normalise so configs compare equal and hash.
+        for name in ("enc_ch_mult", "unet_ch_mult", "unet_attention"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if self.enc_ch_mult is None:
+            object.__setattr__(self, "enc_ch_mult", ch_mult_for(self.downsample))
+        if 2 ** (len(self.enc_ch_mult) - 1) != self.downsample:
+            raise ValueError(f"enc_ch_mult {self.enc_ch_mult} does not downsample by {self.downsample}")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.downsample
+        return (self.latent_channels, side, side)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DGAEConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class EncoderOutput:
+    latent_dist: DiagonalGaussian
+
+
+class DGAE(nn.Module):
+    """Diffusion-Guided Autoencoder. Images are (B, 3, H, W) in [-1, 1] with H, W multiples of ``downsample``."""
+
+    def __init__(self, config: DGAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(
+            config.latent_channels, config.enc_channels, config.enc_ch_mult, config.enc_res_blocks, config.dropout
+        )
+        self.decoder = UNet(
+            in_channels=3,
+            cond_channels=config.latent_channels,
+            out_channels=3,
+            model_channels=config.unet_channels,
+            channel_mult=config.unet_ch_mult,
+            num_res_blocks=config.unet_res_blocks,
+            attention_resolutions=config.unet_attention,
+            head_channels=config.head_channels,
+            dropout=config.dropout,
+        )
+        self.file_hash = ""  # set by load_model: latents record which model file made them
+
+    def encode(self, x: torch.Tensor) -> EncoderOutput:
+        return EncoderOutput(DiagonalGaussian(self.encoder(x)))
+
+    def condition(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest-upsample the latent to pixel size and project it with the decoder's first conv."""
+        return self.decoder.condition(F.interpolate(z, scale_factor=float(self.config.downsample), mode="nearest"))
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x_t, t, self.condition(z.to(x_t.dtype)))
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, DiagonalGaussian]:
+        """One training pass: encode, sample z, noise x to time t, predict the velocity.
+
+        Returns (predicted velocity, x_t, posterior). It is the module's forward so that DistributedDataParallel
+        sees every parameter used in a single call.
+        """
+        posterior = self.encode(x).latent_dist
+        x_t = flow.interpolate(x, noise, t)
+        return self.velocity(x_t, t, posterior.sample(generator)), x_t, posterior
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z: torch.Tensor,
+        steps: int = 50,
+        sampler: str = "euler",
+        shift: float = 1.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] by integrating the flow ODE from noise.
+
+        ``noise`` fixes the starting point; otherwise it is drawn with ``generator`` (on the generator's device,
+        then moved, so a CPU generator gives the same noise whatever device decodes).
+        """
+        f = self.config.downsample
+        shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
+        if noise is None:
+            gen_device = generator.device if generator is not None else z.device
+            noise = torch.randn(shape, generator=generator, device=gen_device)
+        noise = noise.to(z.device, torch.float32)
+        with autocast(z.device):
+            cond = self.condition(z.float())
+            x = flow.sample(lambda x, t: self.decoder(x, t, cond).float(), noise, steps, sampler, shift)
+        return x.clamp(-1, 1)
+
+    def num_params(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA, a no-op elsewhere: one code path for both, CPU stays in float32."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# --- presets: decoder sizes as in the paper's Table 1; the latent (downsample, latent_channels) is a kwarg ----
+
+
+def DGAE_B(**kw) -> DGAEConfig:
+    return DGAEConfig(unet_channels=128, preset="dgae-b", **kw)
+
+
+def DGAE_M(**kw) -> DGAEConfig:
+    return DGAEConfig(unet_channels=192, preset="dgae-m", **kw)
+
+
+def DGAE_L(**kw) -> DGAEConfig:
+    return DGAEConfig(unet_channels=256, preset="dgae-l", **kw)
+
+
+def DGAE_S(**kw) -> DGAEConfig:
+    """A CPU-sized DGAE (~10M parameters) for the bundled default weights and quick experiments."""
+    return DGAEConfig(
+        enc_channels=32, enc_res_blocks=1, unet_channels=64, unet_ch_mult=(1, 1, 2, 2, 4), preset="dgae-s", **kw
+    )
+
+
+def DGAE_T(**kw) -> DGAEConfig:
+    """A tiny DGAE for tests: seconds per step on a laptop CPU, nothing more."""
+    kw.setdefault("resolution", 64)
+    kw.setdefault("downsample", 8)
+    kw.setdefault("latent_channels", 4)
+    return DGAEConfig(
+        enc_channels=32, enc_res_blocks=1, unet_channels=32, unet_ch_mult=(1, 2), unet_res_blocks=1, preset="dgae-t",
+        **kw,
+    )
+
+
+DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-t": DGAE_T}
+
+# --- files ----------------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "dgae-s-f8c4"
+
+
+def weights_dir() -> Path:
+    """``$DGAETOK_WEIGHTS``, else the repository's ``weights/`` beside the package."""
+    return Path(os.environ.get("DGAETOK_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+
+
+def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:
+    """A file path as given, else a name looked up as ``weights/<name>.safetensors``."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    candidates = [Path(name), weights_dir() / name, weights_dir() / f"{name}.safetensors"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise InputError(f"{name}: no such model file, and no '{name}.safetensors' in {weights_dir()}")
+
+
+def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise InputError(f"{path}: not a dgaetok model file (metadata format {meta.get('format')!r})")
+            return meta, {k: fh.get_tensor(k) for k in fh.keys()}
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise InputError(f"{path}: unreadable model file ({exc})") from None
+
+
+def save_model(model: DGAE, path: str | os.PathLike, dtype: torch.dtype | None = None, **meta: str) -> None:
+    """Write a self-describing model file atomically; ``dtype`` (e.g. bfloat16) shrinks storage only."""
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": model.config.to_json(), **meta}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def build_model(config: DGAEConfig) -> nn.Module:
+    if config.arch != "dgae":
+        raise InputError(f"unknown model family {config.arch!r}")
+    return DGAE(config)
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> DGAE:
+    """Load a model file (or a name in ``weights/``) in float32 and eval mode."""
+    path = resolve_model(name_or_path)
+    meta, tensors = read_model_file(path)
+    try:
+        config = DGAEConfig.from_json(meta["config"])
+        model = build_model(config)
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{path}: model file does not match its config ({str(exc).splitlines()[0]})") from None
+    model.file_hash = file_sha256(path)
+    return model.to(device).eval().requires_grad_(False)
