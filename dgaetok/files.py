@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -57,6 +57,8 @@ def find_files(root: str | os.PathLike, suffixes: set[str]) -> list[Path]:
 def prepare_output_dir(path: str | os.PathLike) -> Path:
     """Create the output folder and prove it is writable before any work is done."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: output path is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".dgaetok-write-test-{uuid.uuid4().hex[:8]}"
@@ -75,6 +77,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             raise InputError(f"{path}: empty file")
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF; encode them upright
+            if img.mode.startswith("I;16"):  # 16-bit grey: convert("RGB") would clip it to white, not rescale
+                img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
             return img.convert("RGB")
     except InputError:
         raise
@@ -132,6 +137,14 @@ def save_png(x: torch.Tensor, path: str | os.PathLike) -> None:
     """Save one [-1, 1] image (3, H, W) as PNG, atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(to_uint8(x).numpy()).save(tmp, format="PNG")
+
+
+def save_grid(images: torch.Tensor, columns: int, path: str | os.PathLike) -> None:
+    """Save [-1, 1] images (N, 3, H, W) as one PNG grid, row-major, separated by white lines."""
+    from torchvision.utils import make_grid
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_png(make_grid(images.cpu(), nrow=columns, padding=2, pad_value=1.0), path)
 
 
 # --- latent files ---------------------------------------------------------------------------------------------

@@ -177,9 +177,10 @@ def DGAE_L(**kw) -> DGAEConfig:
 
 
 def DGAE_S(**kw) -> DGAEConfig:
-    """A CPU-sized DGAE (~10M parameters) for the bundled default weights and quick experiments."""
+    """A CPU-sized DGAE (~5M parameters) for the bundled default weights and quick experiments."""
     return DGAEConfig(
-        enc_channels=32, enc_res_blocks=1, unet_channels=64, unet_ch_mult=(1, 1, 2, 2, 4), preset="dgae-s", **kw
+        enc_channels=32, enc_res_blocks=1, unet_channels=32, unet_ch_mult=(1, 2, 2, 4), unet_res_blocks=1,
+        preset="dgae-s", **kw,
     )
 
 
@@ -213,7 +214,9 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise InputError(f"{name}: no such model file, and no '{name}.safetensors' in {weights_dir()}")
+    if name.endswith(".safetensors") or os.sep in name:
+        raise InputError(f"{name}: no such model file")
+    raise InputError(f"{name}: no such model file, and no {name}.safetensors in {weights_dir()}")
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:

@@ -5,13 +5,16 @@ raised, so one bad file cannot stop a batch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from . import __version__
 from .errors import InputError
@@ -36,10 +39,14 @@ class Job:
     conflicts: list[Item]
 
     @classmethod
-    def plan(cls, src: str | Path, dst: str | Path, suffixes: set[str], out_suffix: str) -> "Job":
+    def plan(cls, src: str | Path, dst: str | Path, suffixes: set[str], out_suffix: str,
+             limit: int | None = None) -> "Job":
         src, dst = Path(src), Path(dst)
+        files = find_files(src, suffixes)[:limit]
+        if not files:
+            raise InputError(f"{src}: no {' / '.join(sorted(suffixes))} files found")
         pairs, conflicts, seen = [], [], {}
-        for path in find_files(src, suffixes):
+        for path in files:
             rel = path.relative_to(src) if src.is_dir() else Path(path.name)
             out = dst / rel.with_suffix(out_suffix)
             if out in seen:
@@ -59,7 +66,7 @@ def _batches(
     """Group loaded inputs into batches of equal tensor shape; loading runs ahead in a thread pool."""
     todo, finished = [], []
     for src, dst in pairs:
-        if dst.exists() and not overwrite:
+        if dst.is_file() and not overwrite:  # not exists(): a folder in the way must fail, not count as done
             finished.append(Item(src, dst, "skipped"))
         else:
             todo.append((src, dst))
@@ -71,15 +78,29 @@ def _batches(
             return pair, None, str(exc)
 
     batch: list[tuple[Path, Path, object]] = []
+    # Read ahead by a bounded window (pool.map would load every input of the job into memory at once).
+    todo_iter, pending = iter(todo), deque()
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for (src, dst), value, error in pool.map(safe_load, todo):
-            if error:
-                finished.append(Item(src, dst, "failed", error))
-                continue
-            if batch and (len(batch) == batch_size or _shape(batch[0][2]) != _shape(value)):
-                yield finished, batch
-                finished, batch = [], []
-            batch.append((src, dst, value))
+        for pair in todo_iter:
+            pending.append(pool.submit(safe_load, pair))
+            if len(pending) >= batch_size + 2 * max(1, workers):
+                break
+        try:
+            while pending:
+                (src, dst), value, error = pending.popleft().result()
+                for pair in todo_iter:
+                    pending.append(pool.submit(safe_load, pair))
+                    break
+                if error:
+                    finished.append(Item(src, dst, "failed", error))
+                    continue
+                if batch and (len(batch) == batch_size or _shape(batch[0][2]) != _shape(value)):
+                    yield finished, batch
+                    finished, batch = [], []
+                batch.append((src, dst, value))
+        finally:  # an abandoned job (Ctrl-C, an error downstream) does not wait for loads nobody will use
+            for future in pending:
+                future.cancel()
     yield finished, batch
 
 
@@ -95,6 +116,8 @@ def _write_each(batch, write: Callable[[Path, Path, int], None]) -> Iterator[Ite
             yield Item(src, dst, "done")
         except OSError as exc:
             yield Item(src, dst, "failed", f"{dst}: cannot write ({exc.strerror or exc})")
+        except SafetensorError as exc:  # safetensors reports I/O errors (disk full, no permission) as its own type
+            yield Item(src, dst, "failed", f"{dst}: cannot write ({str(exc).splitlines()[0]})")
 
 
 def encode_folder(
@@ -112,7 +135,9 @@ def encode_folder(
     cfg = model.config
     device = next(model.parameters()).device
     model_meta = {"model_hash": model.file_hash, "model_config": cfg.to_json(), "dgaetok_version": __version__}
-    generator = torch.Generator(device).manual_seed(seed)
+
+    def source(src: Path) -> str:
+        return str(src.relative_to(src_root) if src_root.is_dir() else src.name)
 
     def load(path: Path):
         try:
@@ -129,14 +154,23 @@ def encode_folder(
         x = torch.stack([value[0] for _, _, value in batch]).to(device)
         with torch.no_grad():
             dist = model.encode(x).latent_dist
-            z = dist.sample(generator) if sample else dist.mode()
+            z = dist.mode()
+            if sample:  # noise per image, so a file's latent does not depend on batching or on a resumed run
+                noise = torch.stack([_posterior_noise(seed, source(src), z.shape[1:]) for src, _, _ in batch])
+                z = dist.mean + dist.std * noise.to(z.device)
 
         def write(src: Path, dst: Path, i: int) -> None:
             meta = {**model_meta, **crop_meta(batch[i][2][1]), "sampled": json.dumps(sample),
-                    "source": str(src.relative_to(src_root) if src_root.is_dir() else src.name)}
+                    "source": source(src)}
             write_latent(dst, z[i], meta)
 
         yield from _write_each(batch, write)
+
+
+def _posterior_noise(seed: int, source: str, shape: torch.Size) -> torch.Tensor:
+    """N(0, I) noise for one image's --sample draw, seeded by --seed and its source path, drawn on the CPU."""
+    digest = hashlib.sha256(f"{seed}:{source}".encode()).digest()
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
 
 
 def check_latent(model: DGAE, path: Path, latent: torch.Tensor, meta: dict[str, str]) -> None:
@@ -189,9 +223,9 @@ def summarize(items: Iterable[Item]) -> dict[str, list[Item]]:
     return out
 
 
-def encode_job(src: str | Path, dst: str | Path) -> Job:
-    return Job.plan(src, dst, IMAGE_SUFFIXES, ".safetensors")
+def encode_job(src: str | Path, dst: str | Path, limit: int | None = None) -> Job:
+    return Job.plan(src, dst, IMAGE_SUFFIXES, ".safetensors", limit)
 
 
-def decode_job(src: str | Path, dst: str | Path) -> Job:
-    return Job.plan(src, dst, {".safetensors"}, ".png")
+def decode_job(src: str | Path, dst: str | Path, limit: int | None = None) -> Job:
+    return Job.plan(src, dst, {".safetensors"}, ".png", limit)

@@ -25,11 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 
 from .data import DrawSampler, ImageFolder
 from .errors import InputError
-from .files import atomic_path, save_png
+from .files import atomic_path, save_grid
 from .losses import DGAELoss, perceptual_net
 from .models import DGAE, DGAE_models, autocast, build_model, save_model
 
@@ -102,18 +101,32 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
 
 
-def distributed_setup() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group when launched by torchrun."""
+def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun.
+
+    The backend follows the device: NCCL for CUDA, gloo for a CPU run (also on a machine that has GPUs).
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(requested or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        # Without this every rank's current device stays cuda:0: the DataLoader's pin-memory thread and NCCL
+        # then open a CUDA context on GPU 0 per rank.
+        torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return 0, 1, 0
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
 
 
-def save_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig):
+# Settings that decide which images and noise each step sees: changing them breaks an exact resume.
+RESUME_KEYS = ("batch_size", "seed", "world", "resolution", "crop")
+
+
+def save_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                    world: int):
     """Optimizer state first, weights last: a checkpoint whose two halves disagree on the step is refused."""
-    meta = {"step": str(step), "train_config": json.dumps(dataclasses.asdict(cfg))}
+    meta = {"step": str(step), "train_config": json.dumps({**dataclasses.asdict(cfg), "world": world})}
     with atomic_path(out / "optimizer.pt") as tmp:
         torch.save({"step": step, "optimizer": opt.state_dict()}, tmp)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -124,16 +137,25 @@ def save_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimize
     save_model(ema, out / "model.safetensors", step=str(step))
 
 
-def load_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    world: int) -> int:
     path = out / "checkpoint.safetensors"
-    with safe_open(str(path), framework="pt") as fh:
-        step = int(fh.metadata()["step"])
-        if fh.metadata()["config"] != model.config.to_json():
-            raise InputError(f"{path}: checkpoint is for another model config; use a fresh --out or the same options")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+            step, saved = int(meta["step"]), json.loads(meta["train_config"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        state = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+    if meta["config"] != model.config.to_json():
+        raise InputError(f"{path}: checkpoint is for another model config; use a fresh --out or the same options")
+    now = {**dataclasses.asdict(cfg), "world": world}
+    changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
+    if changed:
+        raise InputError(f"{path}: cannot resume exactly with changed settings ({', '.join(changed)})")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
     if state["step"] != step:
         raise InputError(f"{out}: optimizer.pt is at step {state['step']}, checkpoint at {step}; cannot resume")
     opt.load_state_dict(state["optimizer"])
@@ -145,15 +167,13 @@ def save_samples(ema: DGAE, batch: torch.Tensor, steps: int, path: Path, seed: i
     ema.eval()
     z = ema.encode(batch).latent_dist.mode()
     recon = ema.decode(z, steps=steps, generator=torch.Generator().manual_seed(seed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(make_grid(torch.cat([batch.cpu(), recon.cpu()]), nrow=len(batch), padding=2, pad_value=1.0), path)
+    save_grid(torch.cat([batch.cpu(), recon.cpu()]), len(batch), path)
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> DGAE:
     """Run (or resume) training to ``cfg.steps`` and return the EMA model. ``on_step(step, logs)`` is called
     after each optimizer step; an exception it raises stops the run after a checkpoint, like Ctrl-C does."""
-    rank, world, local_rank = distributed_setup()
-    device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = distributed_setup(cfg.device)
     if cfg.batch_size % world:
         raise InputError(f"batch size {cfg.batch_size} does not split over {world} processes")
     out = Path(cfg.out)
@@ -167,7 +187,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     opt = make_optimizer(model, cfg)
     step = 0
     if cfg.resume and (out / "checkpoint.safetensors").exists():
-        step = load_checkpoint(out, model, ema, opt)
+        step = load_checkpoint(out, model, ema, opt, cfg, world)
     elif (out / "checkpoint.safetensors").exists():
         raise InputError(f"{out}: holds a checkpoint already; pass --resume to continue it or choose another --out")
 
@@ -188,8 +208,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     progress = _Progress(cfg.steps, step) if is_main else None
     log_file = open(out / "log.jsonl", "a") if is_main else None
 
+    in_update = False  # an interrupt between opt.step() and step += 1 must not save a half-made step
+    sums: dict[str, torch.Tensor] = {}
     try:
-        t0, seen = time.perf_counter(), 0
+        t0, seen, count = time.perf_counter(), 0, 0
         while step < cfg.steps:
             x = next(loader).to(device, non_blocking=True)
             model.train()
@@ -201,29 +223,39 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                 loss, logs = loss_fn(net, x, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            try:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=True)
+            except RuntimeError:
+                raise Diverged(f"training diverged at step {step + 1} (non-finite gradients); the checkpoint "
+                               f"in {out} is the last good state") from None
+            in_update = True
             opt.step()
             update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
-            seen += x.shape[0] * world
+            in_update = False
+            seen, count = seen + x.shape[0] * world, count + 1
+            for k, v in logs.items():
+                sums[k] = sums[k] + v if k in sums else v
 
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "img_per_s": seen / elapsed,
-                          **{k: v.item() for k, v in logs.items()}}
+                          **{k: v.item() / count for k, v in sums.items()}}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.update(step, record)
-                t0, seen = time.perf_counter(), 0
+                t0, seen, count, sums = time.perf_counter(), 0, 0, {}
             if is_main and fixed is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
                 save_samples(ema, fixed, cfg.sample_steps, out / "samples" / f"step-{step:07d}.png", cfg.seed)
             if is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(out, model, ema, opt, step, cfg)
+                save_checkpoint(out, model, ema, opt, step, cfg, world)
             if on_step is not None:
                 on_step(step, logs)
+    except Diverged:
+        raise
     except BaseException:
-        if is_main and step > 0:
-            save_checkpoint(out, model, ema, opt, step, cfg)
+        if is_main and step > 0 and not in_update:
+            save_checkpoint(out, model, ema, opt, step, cfg, world)
         raise
     finally:
         if progress is not None:
@@ -231,6 +263,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         if log_file is not None:
             log_file.close()
     return ema
+
+
+class Diverged(InputError):
+    """Training produced non-finite values; the checkpoint on disk is left as the last good state."""
 
 
 class _Progress:

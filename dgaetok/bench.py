@@ -1,0 +1,150 @@
+"""`dgaetok bench rfid`: reconstruction quality (rFID, PSNR, SSIM, LPIPS) and speed of a tokenizer.
+
+Protocol (the paper's): RGB, shorter side to 256, center crop; encode with the posterior mean, decode from the
+same seeded noise at each step count, compare with the originals as uint8.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from . import __version__
+from .errors import InputError
+from .files import IMAGE_SUFFIXES, atomic_path, center_crop, find_files, open_image, save_grid, to_tensor, to_uint8
+from .metrics import ReconMetrics, dataset_key, inception_features, reference_stats
+from .models import DGAE
+
+
+@dataclass
+class StepResult:
+    steps: int
+    rfid: float
+    psnr: float
+    ssim: float
+    lpips: float
+    images_per_s: float  # encode + decode, excluding image loading and metrics
+
+
+@dataclass
+class RfidResult:
+    model: str
+    model_hash: str
+    data: str
+    images: int
+    resolution: int
+    latent_shape: list[int]
+    device: str
+    sampler: str
+    shift: float
+    seed: int
+    lpips_net: str
+    skipped: list[str] = field(default_factory=list)
+    results: list[StepResult] = field(default_factory=list)
+    dgaetok_version: str = __version__
+
+
+def eval_images(data: str | Path, resolution: int, limit: int | None) -> tuple[list[Path], list[torch.Tensor], list[str]]:
+    """The first ``limit`` readable images, preprocessed; unreadable ones are reported, not fatal."""
+    images, paths, skipped = [], [], []
+    for path in find_files(data, IMAGE_SUFFIXES):
+        if limit is not None and len(images) == limit:
+            break
+        try:
+            images.append(to_tensor(center_crop(open_image(path), resolution, 1)[0]))
+            paths.append(path)
+        except InputError as exc:
+            skipped.append(str(exc))
+    if len(images) < 2:
+        raise InputError(f"{data}: rFID needs at least 2 readable images, found {len(images)}")
+    return paths, images, skipped
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rfid(
+    model: DGAE,
+    model_name: str,
+    data: str | Path,
+    steps: list[int],
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    sampler: str = "euler",
+    shift: float = 1.0,
+    lpips_net: str = "alex",
+    grid: Path | None = None,
+    grid_count: int = 8,
+    resolution: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> RfidResult:
+    """Evaluate ``model`` on the images in ``data`` at each decode step count; ``on_batch(n)`` reports progress."""
+    device = next(model.parameters()).device
+    paths, images, skipped = eval_images(data, resolution, limit)
+    f = model.config.downsample
+    result = RfidResult(model_name, model.file_hash, str(data), len(images), resolution,
+                        [model.config.latent_channels, resolution // f, resolution // f], str(device), sampler, shift,
+                        seed, lpips_net, skipped)
+
+    metrics = ReconMetrics(device, lpips_net=lpips_net, rfid=True)
+    key = dataset_key(data, paths, f"rgb-shorter{resolution}-center{resolution}-bicubic")
+
+    def original_features():
+        return torch.cat([inception_features(metrics.inception, to_uint8(torch.stack(b)))
+                          for b in _batches(images, batch_size)])
+
+    metrics.reference = reference_stats(key, original_features)
+
+    latents, encode_s = [], 0.0
+    for batch in _batches(images, batch_size):
+        x = torch.stack(batch).to(device)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            latents.append(model.encode(x).latent_dist.mode())
+        _sync(device)
+        encode_s += time.perf_counter() - start
+
+    noise = torch.randn((1, 3, resolution, resolution), generator=torch.Generator().manual_seed(seed))
+    grid_columns = [torch.stack(images[:grid_count])]
+    for n_steps in steps:
+        metrics.reset()
+        decode_s, recon_for_grid = 0.0, []
+        for z, batch in zip(latents, _batches(images, batch_size)):
+            _sync(device)
+            start = time.perf_counter()
+            recon = model.decode(z, steps=n_steps, sampler=sampler, shift=shift,
+                                 noise=noise.expand(len(z), -1, -1, -1))
+            _sync(device)
+            decode_s += time.perf_counter() - start
+            metrics.update(to_uint8(torch.stack(batch)), to_uint8(recon))
+            if len(recon_for_grid) * batch_size < grid_count:
+                recon_for_grid.append(recon.cpu())
+            if on_batch is not None:
+                on_batch(len(z))
+        grid_columns.append(torch.cat(recon_for_grid)[:grid_count])
+        m = metrics.compute()
+        result.results.append(StepResult(n_steps, m["rfid"], m["psnr"], m["ssim"], m["lpips"],
+                                         len(images) / (encode_s + decode_s)))
+    if grid is not None:
+        # One row per image: the original, then its reconstruction at each step count.
+        cells = torch.stack(grid_columns, dim=1).flatten(0, 1)
+        save_grid(cells, len(grid_columns), grid)
+    return result
+
+
+def write_json(result: RfidResult, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")

@@ -1,0 +1,691 @@
+"""The `dgaetok` command end to end: encode, decode and info on real photos with a tiny seeded model.
+
+Most tests drive the Typer app in-process with CliRunner (same exit codes and stderr as the real command); a few
+run the real console command in a subprocess where only a separate process can show it (exit status and stderr
+of the installed entry point, a SIGKILL mid-run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import dgaetok.files as files
+from dgaetok.cli import app
+from dgaetok.files import LATENT_FORMAT, center_crop, open_image, read_latent, to_tensor, write_latent
+from dgaetok.models import DGAE, DGAE_T, file_sha256, load_model, save_model
+
+runner = CliRunner()
+SUMMARY = re.compile(r"^(encode|decode): (\d+) written, (\d+) already there \(skipped\), (\d+) failed$")
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+
+
+def cli(*args):
+    """Run `dgaetok ARGS` in-process; whatever happens, no traceback may reach the user."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def model_args(model: Path) -> list[str]:
+    return ["--model", str(model), "--device", "cpu"]
+
+
+def err_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def summary(result) -> tuple[int, int, int]:
+    """(written, skipped, failed) from the summary line, which must be the last line of stderr."""
+    match = SUMMARY.match(err_lines(result)[-1])
+    assert match, result.stderr
+    return int(match[2]), int(match[3]), int(match[4])
+
+
+def failures(result) -> list[str]:
+    return [line for line in err_lines(result) if line.startswith("failed: ")]
+
+
+def outputs(folder: Path, suffix: str) -> list[str]:
+    """Files a user sees in an output tree (hidden files excluded), as sorted relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob(f"*{suffix}")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files (ours `.name.xxxx.tmp`, safetensors' `.tmpXXXX`) anywhere under folder."""
+    if not folder.exists():
+        return []
+    return sorted(str(p) for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp"))
+
+
+def assert_same_latents(a: Path, b: Path) -> None:
+    """Two latent trees hold the same files with equal metadata and (to float rounding) equal latents.
+
+    Latents are compared with a tolerance because CPU convolution kernels differ in the last bits between
+    batch sizes, and a resumed run batches the remaining files differently.
+    """
+    assert outputs(a, ".safetensors") == outputs(b, ".safetensors")
+    for rel in outputs(a, ".safetensors"):
+        za, ma = read_latent(a / rel)
+        zb, mb = read_latent(b / rel)
+        assert ma == mb, rel
+        torch.testing.assert_close(za, zb, atol=1e-5, rtol=0, msg=rel)
+
+
+def unwritable_dir() -> Path | None:
+    """An existing folder in which even root cannot create files (chmod does not stop root)."""
+    for candidate in ("/proc", "/sys", "/sys/fs", "/proc/self"):
+        folder = Path(candidate)
+        if not folder.is_dir():
+            continue
+        probe = folder / f"dgaetok-probe-{os.getpid()}"
+        try:
+            probe.touch()
+        except OSError:
+            return folder
+        probe.unlink()
+    return None
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def other_model_file(tmp_path_factory) -> Path:
+    """A second tiny model with the same config but other weights (another seed)."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("models-b") / "tiny-b.safetensors"
+    save_model(DGAE(DGAE_T()), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def album(tmp_path_factory, shared_data) -> Path:
+    """Five real photos in a nested tree: landscape, portrait, BSDS and a 40 px one. Read-only for tests."""
+    root = tmp_path_factory.mktemp("album") / "album"
+    val = sorted((shared_data / "eval" / "imagenet-val500").glob("*.JPEG"))
+    (root / "sub" / "deep").mkdir(parents=True)
+    shutil.copy(val[0], root / val[0].name)  # 500x375
+    shutil.copy(val[1], root / "sub" / val[1].name)  # 500x333
+    shutil.copy(val[2], root / "sub" / "deep" / val[2].name)  # 333x500, portrait
+    shutil.copy(next((shared_data / "train" / "bsds500").rglob("*.jpg")), root / "bsds.jpg")
+    Image.open(val[3]).convert("RGB").resize((40, 30), Image.BICUBIC).save(root / "sub" / "tiny.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, album, tiny_model_file) -> Path:
+    out = tmp_path_factory.mktemp("encoded") / "latents"
+    result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (5, 0, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory, encoded, tiny_model_file) -> Path:
+    out = tmp_path_factory.mktemp("decoded") / "pngs"
+    result = cli("decode", encoded, "-o", out, "--steps", 2, "--seed", 0, *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (5, 0, 0)
+    return out
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --- encode ---------------------------------------------------------------------------------------------------
+
+ALBUM_LATENTS = ["bsds.safetensors", "n01440764_tench.safetensors", "sub/deep/n01494475_hammerhead.safetensors",
+                 "sub/n01484850_great_white_shark.safetensors", "sub/tiny.safetensors"]
+
+
+def test_encode_mirrors_the_tree_with_latents_and_metadata(encoded, album, tiny_model_file):
+    assert outputs(encoded, "") == ALBUM_LATENTS
+    assert leftovers(encoded) == []
+    model = load_model(tiny_model_file)
+    for rel in ALBUM_LATENTS:
+        latent, meta = read_latent(encoded / rel)
+        assert latent.shape == (4, 8, 8)
+        source = next(p for p in album.rglob("*") if p.is_file() and
+                      p.relative_to(album).with_suffix(".safetensors").as_posix() == rel)
+        assert meta["source"] == source.relative_to(album).as_posix()
+        assert meta["model_hash"] == file_sha256(tiny_model_file)
+        assert meta["model_config"] == model.config.to_json()
+        assert meta["sampled"] == "false"
+        img = open_image(source)
+        crop, box = center_crop(img, 64, 8)
+        assert json.loads(meta["source_size"]) == list(img.size)
+        assert json.loads(meta["crop_box"]) == list(box.box) and json.loads(meta["resized_size"]) == list(box.resized_size)
+        box_w, box_h = box.box[2] - box.box[0], box.box[3] - box.box[1]
+        assert (box_w, box_h) == (64, 64) and min(box.resized_size) == 64
+        # the stored latent is the posterior mean of the center crop
+        with torch.no_grad():
+            expected = model.encode(to_tensor(crop)[None]).latent_dist.mode()[0]
+        torch.testing.assert_close(latent, expected, atol=1e-5, rtol=0)
+    assert json.loads(read_latent(encoded / "sub/tiny.safetensors")[1]["source_size"]) == [40, 30]
+
+
+def test_encode_ignores_hidden_files_and_other_suffixes(tmp_path, tiny_model_file):
+    src = tmp_path / "src"
+    write_image(src / "a.jpg", (64, 64))
+    write_image(src / ".hidden.jpg", (64, 64))
+    write_image(src / ".cache" / "b.png", (64, 64))
+    (src / "notes.txt").write_text("not an image")
+    (src / "c.safetensors").write_bytes(b"x")
+    result = cli("encode", src, "-o", tmp_path / "out", *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (1, 0, 0)
+    assert outputs(tmp_path / "out", "") == ["a.safetensors"]
+
+
+def test_encode_single_file(tmp_path, album, tiny_model_file):
+    photo = album / "bsds.jpg"
+    result = cli("encode", photo, "-o", tmp_path / "out", *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (1, 0, 0)
+    latent, meta = read_latent(tmp_path / "out" / "bsds.safetensors")
+    assert latent.shape == (4, 8, 8) and meta["source"] == "bsds.jpg"
+
+
+def test_encode_all_image_formats_and_keep_size(tmp_path, tiny_model_file):
+    src = tmp_path / "src"
+    suffixes = ["jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "JPG"]
+    for i, suffix in enumerate(suffixes):
+        write_image(src / f"img_{suffix.lower()}{i}.{suffix}", (72, 48), seed=i)
+    odd = write_image(src / "odd.png", (50, 40))
+
+    result = cli("encode", src, "-o", tmp_path / "cropped", *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (len(suffixes) + 1, 0, 0)
+    assert {read_latent(p)[0].shape for p in (tmp_path / "cropped").glob("*.safetensors")} == {(4, 8, 8)}
+
+    result = cli("encode", src, "-o", tmp_path / "whole", "--keep-size", *model_args(tiny_model_file))
+    assert result.exit_code == 1
+    assert summary(result) == (len(suffixes), 0, 1)
+    assert failures(result) == [f"failed: {odd}: size 50x40 is not a multiple of 8 (drop --keep-size to crop)"]
+    assert not (tmp_path / "whole" / "odd.safetensors").exists() and leftovers(tmp_path / "whole") == []
+    for path in (tmp_path / "whole").glob("*.safetensors"):
+        latent, meta = read_latent(path)
+        assert latent.shape == (4, 6, 9)
+        assert json.loads(meta["crop_box"]) == [0, 0, 72, 48] and json.loads(meta["source_size"]) == [72, 48]
+
+
+def test_encode_sample_is_seeded_per_image(tmp_path, album, encoded, tiny_model_file):
+    mean_dir = encoded
+    runs = {}
+    for name, extra in [("a", ["--seed", 0]), ("b", ["--seed", 0, "--batch-size", 1]), ("c", ["--seed", 1])]:
+        result = cli("encode", album, "-o", tmp_path / name, "--sample", *extra, *model_args(tiny_model_file))
+        assert result.exit_code == 0, result.output
+        runs[name] = {rel: read_latent(tmp_path / name / rel) for rel in ALBUM_LATENTS}
+    for rel in ALBUM_LATENTS:
+        (za, ma), (zb, _), (zc, _) = runs["a"][rel], runs["b"][rel], runs["c"][rel]
+        zmean = read_latent(mean_dir / rel)[0]
+        assert ma["sampled"] == "true"
+        torch.testing.assert_close(za, zb, atol=1e-5, rtol=0)  # same seed: same draw, whatever the batching
+        assert not torch.allclose(za, zc)  # another seed: another draw
+        assert not torch.allclose(za, zmean)  # a draw, not the mean
+    # z = mean + std * eps with eps ~ N(0, I), and a fresh eps for each image (not one noise for every file)
+    model = load_model(tiny_model_file)
+    eps = []
+    for rel in ALBUM_LATENTS[:2]:
+        z, meta = runs["a"][rel]
+        with torch.no_grad():
+            dist = model.encode(to_tensor(center_crop(open_image(album / meta["source"]), 64, 8)[0])[None]).latent_dist
+        eps.append(((z - dist.mean[0]) / dist.std[0]).flatten())
+        assert abs(eps[-1].mean()) < 0.3 and 0.7 < eps[-1].std() < 1.3
+    assert abs(torch.corrcoef(torch.stack(eps))[0, 1]) < 0.3
+
+    # resuming a sampled run gives what the uninterrupted run gave
+    resumed = copy_tree(tmp_path / "a", tmp_path / "resumed")
+    (resumed / ALBUM_LATENTS[2]).unlink()
+    result = cli("encode", album, "-o", resumed, "--sample", "--seed", 0, *model_args(tiny_model_file))
+    assert summary(result) == (1, 4, 0)
+    assert_same_latents(resumed, tmp_path / "a")
+
+
+def test_encode_bad_images_fail_one_by_one(tmp_path, album, tiny_model_file):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(album / "bsds.jpg", src / "good.jpg")
+    real = (album / "n01440764_tench.JPEG").read_bytes()
+    (src / "corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(5000))
+    (src / "sub" / "truncated.jpg").write_bytes(real[: len(real) // 2])
+    (src / "empty.png").write_bytes(b"")
+    (src / "x.png").write_text("this is a text file\n")
+    out = tmp_path / "out"
+
+    result = cli("encode", src, "-o", out, "--batch-size", 2, *model_args(tiny_model_file))
+    assert result.exit_code == 1
+    assert summary(result) == (1, 0, 4)
+    assert sorted(failures(result)) == sorted([
+        f"failed: {src / 'corrupt.jpg'}: not an image file",
+        f"failed: {src / 'empty.png'}: empty file",
+        f"failed: {src / 'x.png'}: not an image file",
+        next(line for line in failures(result) if line.startswith(f"failed: {src / 'sub' / 'truncated.jpg'}: "
+                                                                  "corrupt or truncated image (")),
+    ])
+    assert len(err_lines(result)) == 5  # four one-line errors and the summary, nothing else
+    assert outputs(out, "") == ["good.safetensors"]
+    assert leftovers(out) == []
+
+    # the bad files stay bad on a re-run; the good one is skipped
+    result = cli("encode", src, "-o", out, *model_args(tiny_model_file))
+    assert result.exit_code == 1 and summary(result) == (0, 1, 4)
+
+
+def test_encode_resumes_after_an_output_is_deleted(tmp_path, encoded, album, tiny_model_file):
+    out = copy_tree(encoded, tmp_path / "out")
+    lost = out / ALBUM_LATENTS[3]
+    lost.unlink()
+    kept = {rel: ((out / rel).stat().st_mtime_ns, (out / rel).read_bytes()) for rel in ALBUM_LATENTS if rel != ALBUM_LATENTS[3]}
+    result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (1, 4, 0)
+    for rel, (mtime, data) in kept.items():  # skipped files are not touched
+        assert (out / rel).stat().st_mtime_ns == mtime and (out / rel).read_bytes() == data
+    assert_same_latents(out, encoded)
+
+    result = cli("encode", album, "-o", out, "--overwrite", *model_args(tiny_model_file))
+    assert summary(result) == (5, 0, 0)
+    assert_same_latents(out, encoded)
+
+
+def test_encode_interrupted_mid_batch_then_resumed(tmp_path, encoded, album, tiny_model_file, monkeypatch):
+    out = tmp_path / "out"
+    real_save = files.save_file
+    calls = []
+
+    def interrupted_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:  # the third file of the first batch: some bytes reach the disk, then Ctrl-C
+            Path(filename).write_bytes(b"\x08\x00\x00\x00half")
+            raise KeyboardInterrupt
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(files, "save_file", interrupted_save)
+    result = runner.invoke(app, ["encode", str(album), "-o", str(out), "--batch-size", "4",
+                                 *model_args(tiny_model_file)])
+    assert result.exit_code not in (0, 2)  # click turns Ctrl-C into "Aborted!" and exit 1
+    assert outputs(out, "") == ALBUM_LATENTS[:2]
+    assert leftovers(out) == []  # the interrupted write left neither a temp file nor a final file
+    monkeypatch.undo()
+
+    # a SIGKILL leaves temp files that no cleanup could remove: they must not confuse the next run
+    (out / "sub").mkdir(exist_ok=True)
+    (out / "sub" / ".n01484850_great_white_shark.safetensors.deadbeef.tmp").write_bytes(b"half a latent")
+    (out / "sub" / ".tmpAbC123").write_bytes(b"safetensors' own temp file")
+
+    result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (3, 2, 0)
+    assert_same_latents(out, encoded)  # equal to the uninterrupted run
+
+
+def test_encode_killed_by_sigkill_then_resumed(tmp_path, album, tiny_model_file):
+    """A real `kill -9` at some point of a run: the re-run finishes it, and every output is complete."""
+    src = tmp_path / "src"
+    photo = Image.open(album / "bsds.jpg").convert("RGB").resize((64, 64))
+    src.mkdir()
+    for i in range(12):
+        photo.rotate(30 * i).save(src / f"{i:02d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dgaetok.cli", "encode", str(src), "-o", str(out), "--batch-size", "1",
+           "--workers", "1", *model_args(tiny_model_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline and not list(out.glob("*.safetensors")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    rc = proc.wait()
+    written_before = len(outputs(out, ".safetensors"))
+    if rc == 0 or written_before == 12:
+        pytest.skip("the run finished before it could be killed")
+    assert rc == -signal.SIGKILL
+
+    result = cli("encode", src, "-o", out, *model_args(tiny_model_file))
+    assert result.exit_code == 0, result.output
+    written, skipped, failed = summary(result)
+    assert (skipped, failed) == (written_before, 0) and written + skipped == 12
+    reference = tmp_path / "reference"
+    cli("encode", src, "-o", reference, *model_args(tiny_model_file))
+    assert_same_latents(out, reference)
+
+
+def test_encode_outputs_that_collide(tmp_path, tiny_model_file):
+    src = tmp_path / "src"
+    write_image(src / "x.jpg", (64, 64))
+    write_image(src / "x.png", (64, 64))
+    result = cli("encode", src, "-o", tmp_path / "out", *model_args(tiny_model_file))
+    assert result.exit_code == 1
+    assert summary(result) == (1, 0, 1)
+    [line] = failures(result)
+    assert line.startswith(f"failed: {src / 'x.png'}: output ") and "also the output of" in line
+    assert read_latent(tmp_path / "out" / "x.safetensors")[1]["source"] == "x.jpg"
+
+
+def test_encode_write_failures_are_per_file(tmp_path, album, tiny_model_file, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where the mirrored folder should go")
+    (out / "bsds.safetensors").mkdir()  # a folder in the way is not an encoded file: it must fail, not be skipped
+    real_save = files.save_file
+
+    def disk_full_for_tench(tensors, filename, metadata=None):
+        if "n01440764_tench" in str(filename):
+            Path(filename).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(files, "save_file", disk_full_for_tench)
+    result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
+    assert result.exit_code == 1
+    assert summary(result) == (0, 0, 5)
+    lines = sorted(failures(result))
+    assert lines[0] == f"failed: {out / 'bsds.safetensors'}: cannot write (Is a directory)"
+    assert lines[1].startswith(f"failed: {out / 'n01440764_tench.safetensors'}: cannot write (")
+    assert "No space left on device" in lines[1]
+    assert lines[2:] == [  # the mirrored folder cannot be made: a file is in its place
+        f"failed: {out / 'sub' / 'deep' / 'n01494475_hammerhead.safetensors'}: cannot write (Not a directory)",
+        f"failed: {out / 'sub' / 'n01484850_great_white_shark.safetensors'}: cannot write (File exists)",
+        f"failed: {out / 'sub' / 'tiny.safetensors'}: cannot write (File exists)",
+    ]
+    assert leftovers(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["bsds.safetensors", "sub"]
+
+
+def test_encode_reads_ahead_by_a_bounded_window(tmp_path, tiny_model_file, monkeypatch):
+    """Loading runs ahead of the model, but only by a few batches: a million-image folder must not be held in
+    memory at once."""
+    import dgaetok.pipeline as pipeline
+
+    src = tmp_path / "src"
+    for i in range(16):
+        write_image(src / f"{i:02d}.png", (64, 64), seed=i)
+    loaded, saved, ahead = [], [], []
+    real_open, real_save = pipeline.open_image, files.save_file
+
+    def counting_open(path):
+        loaded.append(path)
+        return real_open(path)
+
+    def counting_save(tensors, filename, metadata=None):
+        ahead.append(len(loaded) - len(saved))
+        saved.append(filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(pipeline, "open_image", counting_open)
+    monkeypatch.setattr(files, "save_file", counting_save)
+    result = cli("encode", src, "-o", tmp_path / "out", "--batch-size", 2, "--workers", 1, *model_args(tiny_model_file))
+    assert result.exit_code == 0 and summary(result) == (16, 0, 0)
+    # the batch being written, the input that closed it, and a window of batch size + 2 x workers
+    assert max(ahead) <= 2 + 1 + (2 + 2 * 1), ahead
+
+
+# --- usage errors: exit 2, one line, nothing written ------------------------------------------------------------
+
+
+def assert_user_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = err_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_source(tmp_path, tiny_model_file):
+    out = tmp_path / "out"
+    for command in ("encode", "decode"):
+        result = cli(command, tmp_path / "nowhere", "-o", out, *model_args(tiny_model_file))
+        assert_user_error(result, str(tmp_path / "nowhere"), "no such file or folder")
+    assert not out.exists()
+
+
+def test_output_path_is_a_file_or_under_one(tmp_path, album, encoded, tiny_model_file):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for command, src in (("encode", album), ("decode", encoded)):
+        assert_user_error(cli(command, src, "-o", afile, *model_args(tiny_model_file)), str(afile), "is a file")
+        assert_user_error(cli(command, src, "-o", afile / "sub", *model_args(tiny_model_file)),
+                          str(afile / "sub"), "not writable", "Not a directory")
+    assert afile.read_text() == "keep"
+
+
+def test_output_location_that_cannot_be_written(tmp_path, album, tiny_model_file):
+    folder = unwritable_dir()
+    if folder is None:
+        pytest.skip("no folder here that root cannot write to")
+    for out in (folder, folder / f"dgaetok-test-{os.getpid()}" / "latents"):
+        assert_user_error(cli("encode", album, "-o", out, *model_args(tiny_model_file)), str(out), "not writable")
+        assert not (folder / f"dgaetok-test-{os.getpid()}").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith((".dgaetok", "dgaetok"))]
+
+
+def test_bad_model_file(tmp_path, album, encoded):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    text_model = tmp_path / "model.safetensors"
+    text_model.write_text("{}")
+    for command, src in (("encode", album), ("decode", encoded)):
+        for model, message in [(garbage, "unreadable model file"), (text_model, "unreadable model file"),
+                               (tmp_path / "missing.safetensors", "no such model file")]:
+            out = tmp_path / f"out-{command}"
+            assert_user_error(cli(command, src, "-o", out, "--model", model, "--device", "cpu"), str(model), message)
+            assert not out.exists()  # a bad --model leaves no output folder behind
+
+
+def test_non_model_safetensors_as_model(tmp_path, album, encoded):
+    latent = encoded / ALBUM_LATENTS[0]
+    assert_user_error(cli("encode", album, "-o", tmp_path / "out", *model_args(latent)),
+                      str(latent), "not a dgaetok model file")
+
+
+def test_unknown_sampler_and_device(tmp_path, encoded, tiny_model_file):
+    out = tmp_path / "out"
+    assert_user_error(cli("decode", encoded, "-o", out, "--sampler", "rk4", *model_args(tiny_model_file)),
+                      "--sampler rk4", "euler, heun")
+    assert_user_error(cli("decode", encoded, "-o", out, "--model", tiny_model_file, "--device", "tpu9"),
+                      "--device tpu9", "not a torch device")
+    if not torch.cuda.is_available():
+        for command in ("encode", "decode"):
+            assert_user_error(cli(command, encoded, "-o", out, "--model", tiny_model_file, "--device", "cuda"),
+                              "--device cuda", "CUDA is not available")
+    assert not out.exists()
+    result = cli("decode", encoded, "-o", out, "--steps", 0, *model_args(tiny_model_file))
+    assert result.exit_code == 2 and "--steps" in result.output  # click's own range check
+
+
+def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_file):
+    """Rich markup must not eat `[bold]` in a file name, nor crash on `[/b]`."""
+    src = tmp_path / "src"
+    (src / "[").mkdir(parents=True)
+    (src / "[" / "b].png").write_text("text")
+    (src / "c[bold]x.png").write_text("text")
+    write_image(src / "ok[red].png", (64, 64))
+    result = cli("encode", src, "-o", tmp_path / "out", *model_args(tiny_model_file))
+    assert result.exit_code == 1
+    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: not an image file",
+                                        f"failed: {src / 'c[bold]x.png'}: not an image file"]
+    latent = tmp_path / "out" / "ok[red].safetensors"
+    result = cli("info", latent)
+    assert result.exit_code == 0 and "ok[red].png" in result.stdout
+    assert_user_error(cli("info", src / "[" / "b].png"), str(src / "[" / "b].png"))
+
+
+# --- decode ---------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_gives_a_png_per_input_at_model_resolution(decoded, encoded):
+    assert outputs(decoded, "") == [rel.replace(".safetensors", ".png") for rel in ALBUM_LATENTS]
+    assert leftovers(decoded) == []
+    for rel in outputs(decoded, ""):
+        with Image.open(decoded / rel) as img:
+            assert img.format == "PNG" and img.mode == "RGB" and img.size == (64, 64)
+
+
+def test_decode_is_deterministic_and_independent_of_batching(tmp_path, decoded, encoded, tiny_model_file):
+    subset = tmp_path / "subset"
+    rel = ALBUM_LATENTS[3]
+    (subset / rel).parent.mkdir(parents=True)
+    shutil.copy(encoded / rel, subset / rel)
+    out = tmp_path / "one-by-one"
+    result = cli("decode", subset, "-o", out, "--steps", 2, "--seed", 0, "--batch-size", 1,
+                 *model_args(tiny_model_file))
+    assert result.exit_code == 0 and summary(result) == (1, 0, 0)
+    assert outputs(out, "") == [rel.replace(".safetensors", ".png")]
+    for rel in outputs(out, ""):  # alone in a batch of 1: byte-identical to the same image in the batch-of-5 run
+        assert (out / rel).read_bytes() == (decoded / rel).read_bytes(), rel
+
+    other_seed = tmp_path / "seed1"
+    cli("decode", subset, "-o", other_seed, "--steps", 2, "--seed", 1, *model_args(tiny_model_file))
+    png = ALBUM_LATENTS[3].replace(".safetensors", ".png")
+    assert (other_seed / png).read_bytes() != (decoded / png).read_bytes()
+
+
+def test_decode_resumes_and_skips_existing(tmp_path, decoded, encoded, tiny_model_file):
+    out = copy_tree(decoded, tmp_path / "out")
+    lost = ALBUM_LATENTS[4].replace(".safetensors", ".png")
+    (out / lost).unlink()
+    result = cli("decode", encoded, "-o", out, "--steps", 2, "--seed", 0, *model_args(tiny_model_file))
+    assert result.exit_code == 0 and summary(result) == (1, 4, 0)
+    assert (out / lost).read_bytes() == (decoded / lost).read_bytes()
+
+
+def test_decode_with_another_model_names_each_latent(tmp_path, encoded, tiny_model_file, other_model_file):
+    out = tmp_path / "out"
+    result = cli("decode", encoded, "-o", out, "--steps", 2, *model_args(other_model_file))
+    assert result.exit_code == 1
+    assert summary(result) == (0, 0, 5)
+    hash_a, hash_b = file_sha256(tiny_model_file), file_sha256(other_model_file)
+    assert sorted(failures(result)) == sorted(
+        f"failed: {encoded / rel}: latent was made by model {hash_a}, not by the loaded model {hash_b}"
+        for rel in ALBUM_LATENTS)
+    assert outputs(out, "") == [] and leftovers(out) == []
+
+
+def test_decode_bad_latents_fail_one_by_one(tmp_path, encoded, tiny_model_file):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(encoded / ALBUM_LATENTS[0], src / "good.safetensors")
+    write_latent(src / "wide.safetensors", torch.randn(4, 6, 8) * 0.3, {})  # a --keep-size latent: 64x48 image
+    write_latent(src / "channels.safetensors", torch.zeros(3, 8, 8), {})
+    save_file({"latent": torch.zeros(8, 8)}, str(src / "flat.safetensors"), metadata={"format": LATENT_FORMAT})
+    nan = torch.zeros(4, 8, 8)
+    nan[1, 2, 3] = float("nan")
+    save_file({"latent": nan}, str(src / "nan.safetensors"), metadata={"format": LATENT_FORMAT})
+    shutil.copy(tiny_model_file, src / "model.safetensors")  # a safetensors file that is not a latent
+    (src / "garbage.safetensors").write_bytes(np.random.default_rng(0).bytes(2000))
+    (src / "empty.safetensors").write_bytes(b"")
+    out = tmp_path / "out"
+
+    result = cli("decode", src, "-o", out, "--steps", 2, *model_args(tiny_model_file))
+    assert result.exit_code == 1
+    assert summary(result) == (2, 0, 6)
+    lines = {line.split(": ", 2)[1]: line.split(": ", 2)[2] for line in failures(result)}
+    assert lines == {
+        str(src / "channels.safetensors"): "latent has 3 channels, the model expects 4",
+        str(src / "flat.safetensors"): "latent has shape (8, 8), expected (channels, height, width)",
+        str(src / "nan.safetensors"): "latent contains NaN or infinite values",
+        str(src / "model.safetensors"): "not a dgaetok latent file",
+        str(src / "garbage.safetensors"): lines.get(str(src / "garbage.safetensors"), ""),
+        str(src / "empty.safetensors"): lines.get(str(src / "empty.safetensors"), ""),
+    }
+    assert lines[str(src / "garbage.safetensors")].startswith("unreadable latent file (")
+    assert lines[str(src / "empty.safetensors")].startswith("unreadable latent file (")
+    assert len(err_lines(result)) == 7
+    assert outputs(out, "") == ["good.png", "wide.png"] and leftovers(out) == []
+    with Image.open(out / "wide.png") as img:
+        assert img.size == (64, 48)
+
+
+# --- info -----------------------------------------------------------------------------------------------------
+
+
+def test_info_model_and_latent(encoded, tiny_model_file):
+    result = cli("info", tiny_model_file)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"kind\s+model", result.stdout)
+    assert file_sha256(tiny_model_file) in result.stdout
+    assert "4 x 8^2" in result.stdout and "dgae-t" in result.stdout
+
+    result = cli("info", encoded / ALBUM_LATENTS[2])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"kind\s+latent", result.stdout) and "(4, 8, 8)" in result.stdout
+    assert "sub/deep/n01494475_hammerhead.JPEG" in result.stdout
+    assert file_sha256(tiny_model_file) in result.stdout and "[333, 500]" in result.stdout
+
+
+def test_info_errors(tmp_path, album):
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    nan = tmp_path / "nan.safetensors"
+    save_file({"latent": torch.full((4, 8, 8), float("nan"))}, str(nan), metadata={"format": LATENT_FORMAT})
+    text = tmp_path / "x.png"
+    text.write_text("hello")
+    cases = [
+        (tmp_path / "missing.safetensors", "no such file"),
+        (tmp_path, "no such file"),
+        (album / "bsds.jpg", "not a safetensors file"),
+        (text, "not a safetensors file"),
+        (other, "neither a dgaetok model nor a latent file"),
+        (nan, "NaN"),
+    ]
+    for path, message in cases:
+        assert_user_error(cli("info", path), str(path), message)
+
+
+# --- the real console command -----------------------------------------------------------------------------------
+
+
+def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file):
+    """The installed entry point: one stderr line and exit 2 for a user error; per-file lines and exit 1."""
+    exe = shutil.which("dgaetok")
+    cmd = [exe] if exe else [sys.executable, "-m", "dgaetok.cli"]
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    proc = subprocess.run([*cmd, "encode", str(album), "-o", str(tmp_path / "o1"), "--model", str(garbage)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"error: {garbage}: unreadable model file (")
+
+    src = tmp_path / "src"
+    write_image(src / "a.png", (64, 64))
+    (src / "b.png").write_text("not an image")
+    proc = subprocess.run([*cmd, "encode", str(src), "-o", str(tmp_path / "o2"), *model_args(tiny_model_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"failed: {src / 'b.png'}: not an image file",
+                     "encode: 1 written, 0 already there (skipped), 1 failed"]
+    assert outputs(tmp_path / "o2", "") == ["a.safetensors"]

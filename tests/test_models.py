@@ -1,0 +1,275 @@
+"""DGAE models: preset sizes, encoder/decoder shapes, the posterior, the precomputed-condition trick, model files."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from dgaetok.errors import InputError
+from dgaetok.models import (
+    DGAE, DGAE_T, DGAEConfig, DGAE_models, file_sha256, load_model, resolve_model, save_model,
+)
+from dgaetok.unet import timestep_embedding
+from dgaetok.vae import DiagonalGaussian, ch_mult_for
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waiting
+    against another process's threads makes them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize_zero_init(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Give ADM's zero-initialised layers random weights, so an untrained decoder's output depends on its
+    inputs (at init the velocity is exactly zero and decoding returns the noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def tiny(seed: int = 0, **kw) -> DGAE:
+    torch.manual_seed(seed)
+    return randomize_zero_init(DGAE(DGAE_T(**kw)), seed).eval()
+
+
+def images(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# --- presets --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, decoder_m, total_m", [("dgae-b", 122, 157), ("dgae-m", 276, 310), ("dgae-l", 491, 525)])
+def test_preset_parameter_counts_match_the_paper(name, decoder_m, total_m):
+    """Table 1 of the paper at its f8 c4 latent; built on the meta device, so no memory is allocated."""
+    with torch.device("meta"):
+        model = DGAE(DGAE_models[name](downsample=8, latent_channels=4))
+    counts = model.num_params()
+    assert counts["decoder"] == pytest.approx(decoder_m * 1e6, rel=0.02)
+    assert counts["total"] == pytest.approx(total_m * 1e6, rel=0.02)
+    assert counts["encoder"] + counts["decoder"] == counts["total"]
+    assert model.config.preset == name
+
+
+def test_presets_share_the_encoder_and_differ_in_decoder_width():
+    with torch.device("meta"):
+        b, l = (DGAE(DGAE_models[n](downsample=16, latent_channels=8)) for n in ("dgae-b", "dgae-l"))
+    assert b.num_params()["encoder"] == l.num_params()["encoder"]
+    assert b.num_params()["decoder"] < l.num_params()["decoder"]
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = DGAE_T(downsample=16, resolution=64)
+    again = DGAEConfig.from_json(cfg.to_json())
+    assert again == cfg and hash(again) == hash(cfg)
+    assert again.enc_ch_mult == ch_mult_for(16) == (1, 2, 4, 4, 4)
+    assert again.latent_shape == (4, 4, 4)
+    with pytest.raises(ValueError, match="does not downsample"):
+        DGAEConfig(downsample=8, enc_ch_mult=(1, 2, 4))
+    with pytest.raises(ValueError, match="power of two"):
+        ch_mult_for(12)
+
+
+# --- encoder / decoder shapes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("f", [8, 16, 32])
+def test_encode_decode_shapes(f):
+    model = tiny(downsample=f, resolution=64)
+    x = images(2, 3, 64, 64)
+    with torch.no_grad():
+        posterior = model.encode(x).latent_dist
+    z = posterior.mode()
+    assert z.shape == (2, 4, 64 // f, 64 // f) and z.dtype == torch.float32
+    assert posterior.std.shape == z.shape and torch.isfinite(z).all()
+    out = model.decode(z, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 64, 64)
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+
+
+@pytest.mark.parametrize("f", [8, 16, 32])
+def test_non_square_images(f):
+    model = tiny(downsample=f, resolution=64)
+    x = images(1, 3, 64, 96)
+    with torch.no_grad():
+        z = model.encode(x).latent_dist.mode()
+    assert z.shape == (1, 4, 64 // f, 96 // f)
+    assert model.decode(z, steps=1).shape == (1, 3, 64, 96)
+
+
+def test_encoding_is_deterministic_and_batch_independent():
+    model = tiny()
+    x = images(3, 3, 64, 64)
+    with torch.no_grad():
+        both = model.encode(x).latent_dist.mode()
+        single = model.encode(x[1:2]).latent_dist.mode()
+    torch.testing.assert_close(both[1:2], single, rtol=1e-5, atol=1e-5)
+
+
+def test_posterior_sample_versus_mode():
+    model = tiny()
+    with torch.no_grad():
+        posterior = model.encode(images(2, 3, 64, 64)).latent_dist
+    a = posterior.sample(torch.Generator().manual_seed(1))
+    b = posterior.sample(torch.Generator().manual_seed(1))
+    c = posterior.sample(torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, posterior.mode())
+    eps = torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, posterior.mean + posterior.std * eps)
+
+
+def test_diagonal_gaussian_statistics_and_kl():
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 3, 4, 4, generator=gen)
+    logvar = torch.randn(2, 3, 4, 4, generator=gen)
+    q = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    assert torch.equal(q.mode(), mean)
+    torch.testing.assert_close(q.std, torch.exp(0.5 * logvar))
+    # the closed-form KL against N(0, I), summed per image
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, q.std), torch.distributions.Normal(0.0, 1.0)
+    ).sum(dim=(1, 2, 3))
+    assert q.kl().shape == (2,)
+    torch.testing.assert_close(q.kl(), ref)
+    assert (q.kl() >= 0).all()
+    # a standard normal posterior costs nothing
+    assert torch.equal(DiagonalGaussian(torch.zeros(2, 6, 4, 4)).kl(), torch.zeros(2))
+    # samples follow the posterior
+    wide = DiagonalGaussian(torch.cat([torch.full((1, 1, 200, 200), 0.5), torch.full((1, 1, 200, 200), 2 * 0.6931)], 1))
+    s = wide.sample(torch.Generator().manual_seed(0))
+    assert s.mean().item() == pytest.approx(0.5, abs=0.03) and s.std().item() == pytest.approx(2.0, rel=0.03)
+
+
+def test_posterior_clamps_extreme_log_variances():
+    moments = torch.cat([torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2, 2), 1e4)], dim=1)
+    q = DiagonalGaussian(moments)
+    assert torch.isfinite(q.std).all() and torch.isfinite(q.kl()).all()
+    assert q.logvar.max().item() == 20.0
+    q = DiagonalGaussian(-moments)  # logvar -1e4 -> -30: a (numerically) deterministic posterior
+    assert q.logvar.min().item() == -30.0 and torch.isfinite(q.kl()).all()
+    torch.testing.assert_close(q.sample(torch.Generator().manual_seed(0)), q.mean, rtol=0, atol=1e-6)
+
+
+# --- the precomputed condition --------------------------------------------------------------------------------
+
+
+def reference_unet(unet, x, t, cond):
+    """ADM's forward written the plain way: concatenate the condition and run the full first convolution."""
+    emb = unet.time_embed(timestep_embedding(t, unet.model_channels).to(x.dtype))
+    h = F.conv2d(torch.cat([x, cond], dim=1), unet.input_conv.weight, unet.input_conv.bias, padding=1)
+    skips = [h]
+    for block in unet.input_blocks:
+        h = block(h, emb)
+        skips.append(h)
+    h = unet.middle_block(h, emb)
+    for block in unet.output_blocks:
+        h = block(torch.cat([h, skips.pop()], dim=1), emb)
+    return unet.out(h)
+
+
+def test_condition_split_equals_convolving_the_concatenation():
+    model = tiny(unet_attention=(2,)).double()  # attention too, so every block type is on the path
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 3, 32, 48, generator=gen, dtype=torch.float64)
+    z = torch.randn(2, 4, 4, 6, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    z_up = F.interpolate(z, scale_factor=8.0, mode="nearest")
+    unet = model.decoder
+    with torch.no_grad():
+        first = F.conv2d(x_t, unet.input_conv.weight[:, :3], padding=1) + unet.condition(z_up)
+        plain = F.conv2d(torch.cat([x_t, z_up], 1), unet.input_conv.weight, unet.input_conv.bias, padding=1)
+        torch.testing.assert_close(first, plain, rtol=0, atol=1e-12)
+        ref = reference_unet(unet, x_t, t, z_up)
+        torch.testing.assert_close(unet(x_t, t, unet.condition(z_up)), ref, rtol=0, atol=1e-10)
+        torch.testing.assert_close(model.velocity(x_t, t, z), ref, rtol=0, atol=1e-10)
+        assert ref.abs().max() > 1e-3  # the check is not vacuous: the decoder's output is not zero
+        # the condition matters: another latent changes the velocity
+        assert not torch.allclose(model.velocity(x_t, t, z + 1), ref)
+
+
+# --- model files ----------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny(1)
+    path = tmp_path / "m.safetensors"
+    save_model(model, path, note="hello")
+    loaded = load_model(path)
+    assert loaded.config == model.config and not loaded.training
+    assert loaded.file_hash == file_sha256(path) and len(loaded.file_hash) == 16
+    assert not any(p.requires_grad for p in loaded.parameters())
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x = images(1, 3, 64, 64)
+    with torch.no_grad():
+        za, zb = model.encode(x).latent_dist.mode(), loaded.encode(x).latent_dist.mode()
+    assert torch.equal(za, zb)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(model.decode(za, steps=2, generator=gen()), loaded.decode(zb, steps=2, generator=gen()))
+
+
+def test_bfloat16_storage_loads_as_float32_at_half_size(tmp_path):
+    model = tiny(2)
+    full, half = tmp_path / "f32.safetensors", tmp_path / "bf16.safetensors"
+    save_model(model, full)
+    save_model(model, half, dtype=torch.bfloat16)
+    ratio = half.stat().st_size / full.stat().st_size
+    assert 0.45 < ratio < 0.55
+    loaded = load_model(half)
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float32
+        assert torch.equal(v, model.state_dict()[k].bfloat16().float())
+
+
+def test_load_model_rejects_foreign_and_truncated_files(tmp_path, tiny_model_file):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a model\n")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "something-else"})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_model_file.read_bytes()[: tiny_model_file.stat().st_size // 2])
+    stub = tmp_path / "stub.safetensors"
+    stub.write_bytes(tiny_model_file.read_bytes()[:6])
+    for path in (text, foreign, truncated, stub):
+        with pytest.raises(InputError) as info:
+            load_model(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_model_rejects_a_config_that_does_not_match_the_tensors(tmp_path):
+    model = tiny()
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    meta["config"] = DGAE_T(latent_channels=8).to_json()
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(InputError, match="does not match its config"):
+        load_model(path)
+
+
+def test_resolve_model_looks_names_up_in_the_weights_dir(tmp_path, monkeypatch, tiny_model_file):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(tiny_model_file, weights / "mytiny.safetensors")
+    monkeypatch.setenv("DGAETOK_WEIGHTS", str(weights))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("mytiny") == weights / "mytiny.safetensors"
+    assert resolve_model("mytiny.safetensors") == weights / "mytiny.safetensors"
+    assert resolve_model(tiny_model_file) == tiny_model_file  # a path is used as given
+    assert load_model("mytiny").config == DGAE_T()
+    with pytest.raises(InputError, match="nope"):
+        resolve_model("nope")

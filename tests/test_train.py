@@ -1,0 +1,253 @@
+"""Training: the loss falls on real photos, interrupted runs resume bit-exactly, and DDP keeps ranks in sync."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dgaetok.data import ImageFolder
+from dgaetok.errors import InputError
+from dgaetok.models import build_model, load_model
+from dgaetok.train import TrainConfig, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waiting
+    against another process's threads makes them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def train_photos(tmp_path, shared_data) -> Path:
+    """Four real photos from the training pool."""
+    root = tmp_path / "train"
+    root.mkdir()
+    for path in sorted((shared_data / "train" / "bsds500").rglob("*.jpg"))[:4]:
+        shutil.copy(path, root / path.name)
+    return root
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    """dgae-t at 32 px on the CPU, batch 4, no LPIPS, nothing written between steps unless asked."""
+    base = dict(
+        data=str(data), out=str(out), preset="dgae-t", resolution=32, downsample=8, latent_channels=4,
+        batch_size=4, steps=4, lr=1e-3, min_lr=1e-4, warmup=2, lpips_weight=0.0, lpips_pretrained=False,
+        log_every=1, ckpt_every=10**9, sample_every=10**9, sample_count=0, workers=0, seed=0,
+        device="cpu",  # bit-exact comparisons need CPU kernels; a GPU's conv backward may be nondeterministic
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def read_tensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+@torch.no_grad()
+def reconstruction_mse(model, x: torch.Tensor) -> float:
+    z = model.encode(x).latent_dist.mode()
+    return (model.decode(z, steps=10, generator=torch.Generator().manual_seed(0)) - x).pow(2).mean().item()
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup=10, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(60, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(110, cfg) == pytest.approx(1e-5) and lr_at(500, cfg) == pytest.approx(1e-5)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.slow
+def test_overfitting_a_few_photos_lowers_the_loss(tmp_path, train_photos):
+    out = tmp_path / "run"
+    cfg = tiny_config(train_photos, out, steps=40, lr=2e-3, warmup=5, sample_count=2, sample_steps=2)
+    ema = train(cfg)
+
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 41))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    first = sum(r["loss"] for r in log[:10]) / 10
+    last = sum(r["loss"] for r in log[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    assert log[0]["lr"] == pytest.approx(2e-3 / 5) and log[-1]["lr"] < log[5]["lr"]
+
+    # the EMA weights reconstruct the photos better than the same model at initialisation
+    x = ImageFolder(train_photos, 32).fixed_batch(4)
+    torch.manual_seed(cfg.seed)
+    init = build_model(cfg.model_config()).eval()
+    before, after = reconstruction_mse(init, x), reconstruction_mse(ema, x)
+    assert after < 0.75 * before, (before, after)
+
+    # what the run leaves behind: a loadable EMA model equal to the returned one, a checkpoint, a sample grid
+    saved = load_model(out / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ema.state_dict().values()))
+    meta, _ = read_tensors(out / "checkpoint.safetensors")
+    assert meta["step"] == "40"
+    assert (out / "samples" / "step-0000040.png").is_file()
+
+
+def test_interrupted_run_resumes_bit_exactly(tmp_path, train_photos):
+    # the random LPIPS trunk (alex: the cheapest) puts the perceptual term on the path too
+    cfg = tiny_config(train_photos, tmp_path / "a", lpips_weight=0.5, lpips_net="alex")
+
+    def interrupt(step, logs):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=interrupt)
+    meta, _ = read_tensors(tmp_path / "a" / "checkpoint.safetensors")
+    assert meta["step"] == "2"
+    assert load_model(tmp_path / "a" / "model.safetensors").num_params()["total"] > 0
+
+    # starting over in a folder that holds a checkpoint is refused rather than overwriting it
+    with pytest.raises(InputError, match="resume"):
+        train(cfg)
+    # resuming with other model options is refused too
+    with pytest.raises(InputError, match="another model config"):
+        train(dataclasses.replace(cfg, latent_channels=8, resume=True))
+
+    train(dataclasses.replace(cfg, resume=True))
+    straight = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    train(straight)
+
+    meta_a, resumed = read_tensors(tmp_path / "a" / "checkpoint.safetensors")
+    meta_b, uninterrupted = read_tensors(tmp_path / "b" / "checkpoint.safetensors")
+    assert meta_a["step"] == meta_b["step"] == "4"
+    assert resumed.keys() == uninterrupted.keys()
+    assert any(k.startswith("ema.") for k in resumed) and any(k.startswith("model.") for k in resumed)
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+    _, model_a = read_tensors(tmp_path / "a" / "model.safetensors")
+    _, model_b = read_tensors(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_b)
+    opt_a = torch.load(tmp_path / "a" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(tmp_path / "b" / "optimizer.pt", weights_only=True)
+    assert opt_a["step"] == opt_b["step"] == 4
+    for pa, pb in zip(opt_a["optimizer"]["state"].values(), opt_b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pb)
+
+    # the log of the resumed run continues where it stopped, with the same losses step for step
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in log_a] == [1, 2, 3, 4] == [r["step"] for r in log_b]
+    for ra, rb in zip(log_a, log_b):
+        assert {k: ra[k] for k in ("loss", "mse", "kl", "lpips", "lr")} == \
+               {k: rb[k] for k in ("loss", "mse", "kl", "lpips", "lr")}
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, train_photos):
+    cfg = tiny_config(train_photos, tmp_path / "run", steps=2)
+    train(cfg)
+    before = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
+    ema = train(dataclasses.replace(cfg, resume=True))
+    assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before
+    saved = load_model(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ema.state_dict().values()))
+
+
+def test_bad_options_are_input_errors(tmp_path, train_photos):
+    with pytest.raises(InputError, match="preset"):
+        train(tiny_config(train_photos, tmp_path / "x", preset="dgae-xxl"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no images"):
+        train(tiny_config(empty, tmp_path / "y"))
+
+
+# --- DDP ------------------------------------------------------------------------------------------------------
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    from dgaetok.models import load_model
+    from dgaetok.train import TrainConfig, train
+
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    losses = []
+    ema = train(cfg, on_step=lambda step, logs: losses.append(logs["loss"].item()))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    flat = torch.cat([p.detach().flatten() for p in ema.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    dist.barrier()  # rank 0 has written model.safetensors before anyone reads it
+    saved = load_model(os.path.join(cfg.out, "model.safetensors"))
+    same_as_file = torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), flat)
+    result = {"rank": rank, "world": world, "losses": losses,
+              "ranks_equal": all(torch.equal(g, gathered[0]) for g in gathered),
+              "same_as_file": same_as_file, "checksum": flat.double().sum().item()}
+    with open(sys.argv[2], "w") as fh:
+        json.dump(result, fh)
+    dist.destroy_process_group()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, train_photos):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cfg = dataclasses.asdict(tiny_config(train_photos, tmp_path / "run", steps=3))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), json.dumps(cfg), str(tmp_path / f"rank{rank}.json")],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=150)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
+
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["world"] == 2
+        assert res["ranks_equal"] and res["same_as_file"]
+        assert len(res["losses"]) == 3 and all(map(torch.isfinite, torch.tensor(res["losses"])))
+    assert results[0]["checksum"] == results[1]["checksum"]
+    # each rank trained on its own half of the batch, so the per-rank losses differ
+    assert results[0]["losses"] != results[1]["losses"]
+    # only rank 0 writes: one log with every step, one checkpoint
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
+    meta, _ = read_tensors(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == "3"
