@@ -19,13 +19,27 @@ def shared_data() -> Path:
     return SHARED
 
 
-@pytest.fixture(scope="session")
-def tiny_model_file(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waiting
+    against another process's threads makes them many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def save_tiny_model(folder: Path, seed: int) -> Path:
     """A seeded, untrained dgae-t (64x64, f8, c4) saved as a model file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    torch.manual_seed(seed)
+    path = folder / f"tiny-{seed}.safetensors"
     save_model(DGAE(DGAE_T()), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models"), seed=0)
 
 
 @pytest.fixture()

@@ -27,7 +27,9 @@ from typer.testing import CliRunner
 import dgaetok.files as files
 from dgaetok.cli import app
 from dgaetok.files import LATENT_FORMAT, center_crop, open_image, read_latent, to_tensor, write_latent
-from dgaetok.models import DGAE, DGAE_T, file_sha256, load_model, save_model
+from dgaetok.models import file_sha256, load_model
+
+from conftest import save_tiny_model
 
 runner = CliRunner()
 SUMMARY = re.compile(r"^(encode|decode): (\d+) written, (\d+) already there \(skipped\), (\d+) failed$")
@@ -118,10 +120,7 @@ def write_image(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def other_model_file(tmp_path_factory) -> Path:
     """A second tiny model with the same config but other weights (another seed)."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("models-b") / "tiny-b.safetensors"
-    save_model(DGAE(DGAE_T()), path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("models-b"), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from dgaetok.unet import timestep_embedding
 from dgaetok.vae import DiagonalGaussian, ch_mult_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waiting
-    against another process's threads makes them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_zero_init(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
