@@ -17,7 +17,7 @@ from . import __version__
 from .errors import InputError
 from .files import IMAGE_SUFFIXES, atomic_path, center_crop, find_files, open_image, save_grid, to_tensor, to_uint8
 from .metrics import ReconMetrics, dataset_key, inception_features, reference_stats
-from .models import DGAE
+from .models import Tokenizer
 
 
 @dataclass
@@ -75,7 +75,7 @@ def _sync(device: torch.device) -> None:
 
 
 def rfid(
-    model: DGAE,
+    model: Tokenizer,
     model_name: str,
     data: str | Path,
     steps: list[int],

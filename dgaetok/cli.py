@@ -79,6 +79,12 @@ def load(model: Optional[str], device: torch.device):
     return load_model(model, device)
 
 
+def note_single_step(model) -> None:
+    if model.single_step:
+        console.print(f"note: {model.config.arch} decodes in one step; --steps, --sampler, --shift and --seed "
+                      "are ignored", highlight=False)
+
+
 @app.command()
 @user_errors
 def encode(
@@ -130,6 +136,7 @@ def decode(
     dev = pick_device(device)
     job = decode_job(src, output)
     m = load(model, dev)  # before the output folder exists, so a bad --model leaves nothing behind
+    note_single_step(m)
     prepare_output_dir(output)
     items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite)
     run_job(job, items, "decode")
@@ -158,6 +165,7 @@ def info(file: Path = typer.Argument(..., help="A model or latent .safetensors f
         with torch.device("meta"):
             counts = build_model(config).num_params()
         table.add_row("kind", "model")
+        table.add_row("family", config.arch)
         table.add_row("sha256", file_sha256(file))
         table.add_row("latent", f"{config.latent_channels} x {config.resolution // config.downsample}^2 "
                                 f"(f{config.downsample}, {len(tensors)} tensors)")
@@ -181,10 +189,15 @@ def info(file: Path = typer.Argument(..., help="A model or latent .safetensors f
 def train(
     data: Path = typer.Argument(..., help="Folder of training images."),
     out_dir: Path = typer.Option(Path("runs/dgae"), "--out", "-o"),
-    preset: str = typer.Option("dgae-s", help="dgae-t, dgae-s, dgae-b, dgae-m or dgae-l."),
+    arch: Optional[str] = typer.Option(None, help="Model family: dgae or sdvae (default: the preset's)."),
+    preset: Optional[str] = typer.Option(
+        None, help="dgae-t/s/b/m/l; sdvae-t, sdvae-s, sdvae-f8c4, sdvae-f16c16, sdvae-f16c8, sdvae-f16c4, "
+                   "sdvae-f32c64 (default: <arch>-s)."),
     resolution: int = typer.Option(256),
-    downsample: int = typer.Option(16, "--downsample", "-f", help="Spatial factor f: 8, 16 or 32."),
-    latent_channels: int = typer.Option(8, "--latent-channels", "-c"),
+    downsample: Optional[int] = typer.Option(None, "--downsample", "-f",
+                                             help="Spatial factor f: 8, 16 or 32 (default: the preset's, 16 for *-s)."),
+    latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
+                                                  help="Latent channels (default: the preset's, 8 for *-s)."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
     batch_size: int = typer.Option(96, help="Global batch, split over processes."),
     steps: int = typer.Option(100_000),
@@ -195,6 +208,10 @@ def train(
     lpips_weight: float = typer.Option(1.0),
     lpips_net: str = typer.Option("vgg"),
     ema_decay: float = typer.Option(0.999),
+    rec_loss: str = typer.Option("l1", help="SD-VAE: reconstruction term, l1 or l2."),
+    disc_start: int = typer.Option(50_001, help="SD-VAE: steps before the GAN term and discriminator start."),
+    disc_weight: float = typer.Option(0.5, help="SD-VAE: factor on the adaptive GAN weight."),
+    collapse_windows: int = typer.Option(10, help="SD-VAE: stop after this many collapsed log windows (0: never)."),
     log_every: int = typer.Option(10),
     ckpt_every: int = typer.Option(1000),
     sample_every: int = typer.Option(1000),
@@ -204,7 +221,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None),
 ):
-    """Train a DGAE tokenizer (under torchrun for several GPUs)."""
+    """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
     from .train import train as run_training
 
@@ -214,6 +231,8 @@ def train(
         data=str(data), out=str(out_dir), preset=preset, resolution=resolution, downsample=downsample,
         latent_channels=latent_channels, crop=crop, batch_size=batch_size, steps=steps, lr=lr, min_lr=min_lr,
         warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
+        arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
+        collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
         workers=workers, seed=seed, resume=resume, device=device,
     )
@@ -278,6 +297,7 @@ def bench_rfid(
 
     dev = pick_device(device)
     m = load(model, dev)
+    note_single_step(m)
     prepare_output_dir(output)
     n_images = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))  # for the bar; unreadable ones drop
     columns = (TextColumn("bench rfid"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -1,4 +1,9 @@
-"""DGAE's training objective: alpha * MSE(v, eps - x) + beta * KL + eta * LPIPS(x0', x), with x0' = x_t - t v."""
+"""Training objectives.
+
+DGAE: alpha * MSE(v, eps - x) + beta * KL + eta * LPIPS(x0', x), with x0' = x_t - t v.
+SD-VAE: L1 (or L2) + beta * KL + eta * LPIPS + an adaptively weighted PatchGAN hinge term (LDM's
+``LPIPSWithDiscriminator``), with the discriminator's own hinge loss for its optimizer.
+"""
 from __future__ import annotations
 
 import warnings
@@ -44,9 +49,10 @@ class DGAELoss(nn.Module):
         self.perceptual = perceptual
         self.velocity_weight, self.kl_weight, self.lpips_weight = velocity_weight, kl_weight, lpips_weight
 
-    def forward(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None
+    def forward(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None, step: int = 0
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``model`` is a DGAE or a DDP wrapper of one; randomness comes from ``generator`` for exact resumes.
+        ``step`` is unused: DGAE's objective does not change during training (SD-VAE's does).
 
         The logged terms stay detached tensors: turning them into floats every step would stall the GPU.
         """
@@ -64,3 +70,109 @@ class DGAELoss(nn.Module):
             logs["lpips"] = perceptual.detach()
         logs["loss"] = loss.detach()
         return loss, logs
+
+
+class NLayerDiscriminator(nn.Module):
+    """taming-transformers' PatchGAN: (B, 3, H, W) -> a map of real/fake logits, one per overlapping patch.
+
+    BatchNorm as in taming (LDM's SD-VAE was trained with it). Weights start from N(0, 0.02), norm scales from
+    N(1, 0.02), as taming's ``weights_init``.
+    """
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):  # the last of these keeps stride 1, as in pix2pix
+            prev, mult = mult, min(2**n, 8)
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits for ``x``; given more batches, a tuple with each batch's logits, every batch run on its own
+        (so BatchNorm sees real and fake apart, as in taming) but in one call, which is what DDP allows."""
+        if more:
+            return tuple(self.main(batch) for batch in (x, *more))
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    disc_weight: float = 0.5) -> torch.Tensor:
+    """LDM's balance of the GAN term: ||d nll / d w|| / (||d g_loss / d w|| + 1e-4) at the decoder's last
+    weight w, clamped to [0, 1e4], detached, times ``disc_weight``."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
+    return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
+
+
+class SDVAELoss(nn.Module):
+    """SD-VAE's loss for the autoencoder: rec + eta * LPIPS + beta * KL + d_weight * (-D(x_rec)).
+
+    Scaled as `DGAELoss` (per-pixel means, KL summed over latent dims and averaged over images) so that both
+    families see the same weights. The GAN term is on from step ``disc_start``; before it the discriminator is not
+    even run. ``forward`` keeps the detached reconstruction in ``self.recon`` for `discriminator_loss`.
+    """
+
+    def __init__(self, perceptual: nn.Module | None, discriminator: nn.Module, rec_loss: str = "l1",
+                 kl_weight: float = 1e-6, lpips_weight: float = 1.0, disc_weight: float = 0.5, disc_start: int = 0):
+        super().__init__()
+        if lpips_weight > 0 and perceptual is None:
+            raise ValueError("lpips_weight > 0 needs a perceptual network")
+        if rec_loss not in ("l1", "l2"):
+            raise ValueError(f"rec_loss must be l1 or l2, not {rec_loss!r}")
+        self.perceptual, self.discriminator = perceptual, discriminator
+        self.rec_loss, self.kl_weight, self.lpips_weight = rec_loss, kl_weight, lpips_weight
+        self.disc_weight, self.disc_start = disc_weight, disc_start
+        self.recon: torch.Tensor | None = None
+
+    def gan_active(self, step: int) -> bool:
+        return step >= self.disc_start
+
+    def forward(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None, step: int = 0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``model`` is an SDVAE or a DDP wrapper of one; ``step`` (0-based) decides whether the GAN term is on."""
+        recon, posterior = model(x, generator)
+        recon = recon.float()
+        rec = (recon - x).abs().mean() if self.rec_loss == "l1" else F.mse_loss(recon, x)
+        nll = rec
+        logs = {"rec": rec.detach()}
+        if self.lpips_weight > 0:
+            perceptual = self.perceptual(recon, x).mean()
+            nll = nll + self.lpips_weight * perceptual
+            logs["lpips"] = perceptual.detach()
+        kl = posterior.kl().mean()
+        loss = nll + self.kl_weight * kl
+        logs["kl"] = kl.detach()
+        if self.gan_active(step):
+            self.discriminator.requires_grad_(False)  # gradients flow through D to the decoder, not into D
+            g_loss = -self.discriminator(recon).float().mean()
+            self.discriminator.requires_grad_(True)
+            last_layer = getattr(model, "module", model).decoder.conv_out.weight
+            d_weight = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
+            loss = loss + d_weight * g_loss
+            logs |= {"g_loss": g_loss.detach(), "d_weight": d_weight}
+        logs["loss"] = loss.detach()
+        self.recon = recon.detach()
+        return loss, logs
+
+    def discriminator_loss(self, discriminator: nn.Module, x: torch.Tensor
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hinge loss of ``discriminator`` (this loss's, or a DDP wrapper of it) on ``x`` against the last
+        reconstruction; real and fake go through it separately, as in taming (BatchNorm sees each alone)."""
+        logits_real, logits_fake = (logits.float() for logits in discriminator(x, self.recon))
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        return d_loss, {"d_loss": d_loss.detach(), "logits_real": logits_real.detach().mean(),
+                        "logits_fake": logits_fake.detach().mean()}

@@ -1,6 +1,8 @@
-"""DGAE: an SD-VAE encoder with a latent-conditioned ADM diffusion decoder; presets and the model file format.
+"""The two tokenizer families, presets and the model file format.
 
-A model file is one ``.safetensors`` whose metadata holds the JSON config, so a file alone rebuilds its model.
+DGAE: an SD-VAE encoder with a latent-conditioned ADM diffusion decoder. SD-VAE: the same encoder with LDM's
+deterministic decoder, the GAN-guided baseline DGAE is compared against. A model file is one ``.safetensors``
+whose metadata holds the JSON config; the config's ``arch`` names the family, so a file alone rebuilds its model.
 """
 from __future__ import annotations
 
@@ -21,17 +23,19 @@ from . import flow
 from .errors import InputError
 from .files import atomic_path
 from .unet import UNet
-from .vae import DiagonalGaussian, Encoder, ch_mult_for
+from .vae import Decoder, DiagonalGaussian, Encoder, ch_mult_for
 
 FORMAT = "dgaetok-model/1"
 
 
 @dataclass(frozen=True)
 class DGAEConfig:
-    """Everything needed to rebuild a DGAE; the latent is (latent_channels, res / downsample, res / downsample).
+    """Everything needed to rebuild a tokenizer; the latent is (latent_channels, res / downsample, res / downsample).
 
-    ``enc_*`` configure the SD-VAE encoder (``enc_ch_mult`` None: derived from ``downsample``), ``unet_*`` the
-    ADM decoder (see `UNet` for each knob), ``resolution`` the training and default encoding size.
+    ``arch`` is the family: "dgae" or "sdvae" (files written before SD-VAE existed have no ``arch`` and load as
+    DGAE). ``enc_*`` configure the SD-VAE encoder (``enc_ch_mult`` None: derived from ``downsample``); an SD-VAE's
+    decoder mirrors it, as LDM builds both from one config. ``unet_*`` configure DGAE's ADM decoder (see `UNet`
+    for each knob; unused by SD-VAE), ``resolution`` the training and default encoding size.
     """
 
     arch: str = "dgae"
@@ -80,8 +84,13 @@ class EncoderOutput:
     latent_dist: DiagonalGaussian
 
 
-class DGAE(nn.Module):
-    """Diffusion-Guided Autoencoder. Images are (B, 3, H, W) in [-1, 1] with H, W multiples of ``downsample``."""
+class Tokenizer(nn.Module):
+    """What both families share: the config, the SD-VAE encoder, ``encode`` and the parameter counts.
+
+    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator)``.
+    """
+
+    single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
 
     def __init__(self, config: DGAEConfig):
         super().__init__()
@@ -89,6 +98,21 @@ class DGAE(nn.Module):
         self.encoder = Encoder(
             config.latent_channels, config.enc_channels, config.enc_ch_mult, config.enc_res_blocks, config.dropout
         )
+        self.file_hash = ""  # set by load_model: latents record which model file made them
+
+    def encode(self, x: torch.Tensor) -> EncoderOutput:
+        return EncoderOutput(DiagonalGaussian(self.encoder(x)))
+
+    def num_params(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
+
+
+class DGAE(Tokenizer):
+    """Diffusion-Guided Autoencoder. Images are (B, 3, H, W) in [-1, 1] with H, W multiples of ``downsample``."""
+
+    def __init__(self, config: DGAEConfig):
+        super().__init__(config)
         self.decoder = UNet(
             in_channels=3,
             cond_channels=config.latent_channels,
@@ -100,10 +124,6 @@ class DGAE(nn.Module):
             head_channels=config.head_channels,
             dropout=config.dropout,
         )
-        self.file_hash = ""  # set by load_model: latents record which model file made them
-
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
-        return EncoderOutput(DiagonalGaussian(self.encoder(x)))
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest-upsample the latent to pixel size and project it with the decoder's first conv."""
@@ -150,9 +170,40 @@ class DGAE(nn.Module):
             x = flow.sample(lambda x, t: self.decoder(x, t, cond).float(), noise, steps, sampler, shift)
         return x.clamp(-1, 1)
 
-    def num_params(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
+
+class SDVAE(Tokenizer):
+    """The GAN-guided baseline (SD-VAE / LDM `AutoencoderKL`): DGAE's encoder and a deterministic decoder."""
+
+    single_step = True
+
+    def __init__(self, config: DGAEConfig):
+        super().__init__(config)
+        self.decoder = Decoder(
+            config.latent_channels, config.enc_channels, config.enc_ch_mult, config.enc_res_blocks, config.dropout
+        )
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """One training pass: encode, sample z, decode. Returns (reconstruction, posterior)."""
+        posterior = self.encode(x).latent_dist
+        return self.decoder(posterior.sample(generator).to(x.dtype)), posterior
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z: torch.Tensor,
+        steps: int = 1,
+        sampler: str = "euler",
+        shift: float = 1.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the other arguments exist so
+        that SD-VAE and DGAE are called the same way, and are ignored."""
+        with autocast(z.device):
+            x = self.decoder(z.float()).float()
+        return x.clamp(-1, 1)
 
 
 def autocast(device: torch.device | str):
@@ -196,6 +247,58 @@ def DGAE_T(**kw) -> DGAEConfig:
 
 
 DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-t": DGAE_T}
+
+
+# --- SD-VAE presets: LDM's autoencoder (ch 128, 2 residual blocks) at the latents the paper compares --------------
+
+
+def _fixed_latent(preset: str, downsample: int, latent_channels: int, kw: dict) -> dict:
+    """The preset names its latent; an explicit different one is a contradiction, not an override."""
+    for key, value in (("downsample", downsample), ("latent_channels", latent_channels)):
+        if kw.setdefault(key, value) != value:
+            raise ValueError(f"preset {preset} has {key} {value}, not {kw[key]}")
+    return kw
+
+
+def SDVAE_f8c4(**kw) -> DGAEConfig:
+    return DGAEConfig(arch="sdvae", preset="sdvae-f8c4", **_fixed_latent("sdvae-f8c4", 8, 4, kw))
+
+
+def SDVAE_f16c16(**kw) -> DGAEConfig:
+    return DGAEConfig(arch="sdvae", preset="sdvae-f16c16", **_fixed_latent("sdvae-f16c16", 16, 16, kw))
+
+
+def SDVAE_f16c8(**kw) -> DGAEConfig:
+    return DGAEConfig(arch="sdvae", preset="sdvae-f16c8", **_fixed_latent("sdvae-f16c8", 16, 8, kw))
+
+
+def SDVAE_f16c4(**kw) -> DGAEConfig:
+    return DGAEConfig(arch="sdvae", preset="sdvae-f16c4", **_fixed_latent("sdvae-f16c4", 16, 4, kw))
+
+
+def SDVAE_f32c64(**kw) -> DGAEConfig:
+    return DGAEConfig(arch="sdvae", preset="sdvae-f32c64", **_fixed_latent("sdvae-f32c64", 32, 64, kw))
+
+
+def SDVAE_S(**kw) -> DGAEConfig:
+    """dgae-s's encoder with the mirrored SD-VAE decoder; the latent is a kwarg as for DGAE."""
+    return DGAEConfig(arch="sdvae", enc_channels=32, enc_res_blocks=1, preset="sdvae-s", **kw)
+
+
+def SDVAE_T(**kw) -> DGAEConfig:
+    """dgae-t's encoder with the mirrored SD-VAE decoder, for tests."""
+    kw.setdefault("resolution", 64)
+    kw.setdefault("downsample", 8)
+    kw.setdefault("latent_channels", 4)
+    return DGAEConfig(arch="sdvae", enc_channels=32, enc_res_blocks=1, preset="sdvae-t", **kw)
+
+
+SDVAE_models = {
+    "sdvae-f8c4": SDVAE_f8c4, "sdvae-f16c16": SDVAE_f16c16, "sdvae-f16c8": SDVAE_f16c8, "sdvae-f16c4": SDVAE_f16c4,
+    "sdvae-f32c64": SDVAE_f32c64, "sdvae-s": SDVAE_S, "sdvae-t": SDVAE_T,
+}
+ARCHS = {"dgae": (DGAE, DGAE_models), "sdvae": (SDVAE, SDVAE_models)}  # family -> (model class, presets)
+MODELS = {**DGAE_models, **SDVAE_models}
 
 # --- files ----------------------------------------------------------------------------------------------------
 
@@ -241,7 +344,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, 
         raise InputError(f"{path}: unreadable model file ({exc})") from None
 
 
-def save_model(model: DGAE, path: str | os.PathLike, dtype: torch.dtype | None = None, **meta: str) -> None:
+def save_model(model: Tokenizer, path: str | os.PathLike, dtype: torch.dtype | None = None, **meta: str) -> None:
     """Write a self-describing model file atomically; ``dtype`` (e.g. bfloat16) shrinks storage only."""
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
@@ -250,13 +353,13 @@ def save_model(model: DGAE, path: str | os.PathLike, dtype: torch.dtype | None =
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def build_model(config: DGAEConfig) -> nn.Module:
-    if config.arch != "dgae":
-        raise InputError(f"unknown model family {config.arch!r}")
-    return DGAE(config)
+def build_model(config: DGAEConfig) -> Tokenizer:
+    if config.arch not in ARCHS:
+        raise InputError(f"unknown model family {config.arch!r}; known: {', '.join(ARCHS)}")
+    return ARCHS[config.arch][0](config)
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> DGAE:
+def load_model(name_or_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> Tokenizer:
     """Load a model file (or a name in ``weights/``) in float32 and eval mode."""
     path = resolve_model(name_or_path)
     meta, tensors = read_model_file(path)

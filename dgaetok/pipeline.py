@@ -20,7 +20,7 @@ from . import __version__
 from .errors import InputError
 from .files import (IMAGE_SUFFIXES, center_crop, crop_meta, find_files, open_image, read_latent, save_png,
                     to_tensor, write_latent)
-from .models import DGAE
+from .models import Tokenizer
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _write_each(batch, write: Callable[[Path, Path, int], None]) -> Iterator[Ite
 
 
 def encode_folder(
-    model: DGAE,
+    model: Tokenizer,
     job: Job,
     src_root: Path,
     batch_size: int = 16,
@@ -173,7 +173,7 @@ def _posterior_noise(seed: int, source: str, shape: torch.Size) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
 
 
-def check_latent(model: DGAE, path: Path, latent: torch.Tensor, meta: dict[str, str]) -> None:
+def check_latent(model: Tokenizer, path: Path, latent: torch.Tensor, meta: dict[str, str]) -> None:
     """Refuse latents another model made, or of a shape this model cannot decode."""
     made_by = meta.get("model_hash", "")
     if model.file_hash and made_by and made_by != model.file_hash:
@@ -184,7 +184,7 @@ def check_latent(model: DGAE, path: Path, latent: torch.Tensor, meta: dict[str, 
 
 
 def decode_folder(
-    model: DGAE,
+    model: Tokenizer,
     job: Job,
     steps: int = 50,
     sampler: str = "euler",

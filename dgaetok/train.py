@@ -1,11 +1,15 @@
-"""Train a DGAE tokenizer: image folder in, self-describing checkpoints out. Runs alone or under torchrun (DDP).
+"""Train a DGAE or SD-VAE tokenizer: image folder in, self-describing checkpoints out. Runs alone or under torchrun.
 
     dgaetok train data/ --out runs/dgae-b --preset dgae-b --downsample 16 --latent-channels 8
+    dgaetok train data/ --out runs/sdvae --arch sdvae --preset sdvae-f16c8 --disc-start 50000
     torchrun --nproc_per_node 8 -m dgaetok.cli train data/ --out runs/dgae-b ...
 
+Both families run the same loop with the same autoencoder optimizer; SD-VAE adds a PatchGAN discriminator with its
+own optimizer, stepped after the autoencoder from ``disc_start`` on.
+
 Files in ``out``: ``model.safetensors`` (the EMA weights, usable by encode/decode), ``checkpoint.safetensors``
-(raw and EMA weights) with ``optimizer.pt`` (optimizer state) for ``--resume``, ``log.jsonl``, and
-``samples/step-*.png`` reconstruction grids (top: originals, bottom: EMA reconstructions).
+(raw and EMA weights, and the discriminator's) with ``optimizer.pt`` (optimizer states) for ``--resume``,
+``log.jsonl``, and ``samples/step-*.png`` reconstruction grids (top: originals, bottom: EMA reconstructions).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +34,8 @@ from torch.utils.data import DataLoader
 from .data import DrawSampler, ImageFolder
 from .errors import InputError
 from .files import atomic_path, save_grid
-from .losses import DGAELoss, perceptual_net
-from .models import DGAE, DGAE_models, autocast, build_model, save_model
+from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
+from .models import ARCHS, MODELS, Tokenizer, autocast, build_model, save_model
 
 
 @dataclass
@@ -38,10 +43,11 @@ class TrainConfig:
     data: str = ""
     out: str = "runs/dgae"
     # model
-    preset: str = "dgae-s"
+    arch: str | None = None  # "dgae" or "sdvae"; None: the preset's family
+    preset: str | None = None  # None: "<arch>-s"
     resolution: int = 256
-    downsample: int = 16
-    latent_channels: int = 8
+    downsample: int | None = None  # None: the preset's (16 for the DGAE presets and sdvae-s)
+    latent_channels: int | None = None  # None: the preset's (8 for the DGAE presets and sdvae-s)
     crop: int | None = None  # train on random crops of this size (None: the full resolution)
     # optimisation (the paper's recipe)
     batch_size: int = 96  # global: split over processes
@@ -60,6 +66,16 @@ class TrainConfig:
     lpips_weight: float = 1.0
     lpips_net: str = "vgg"
     lpips_pretrained: bool = True  # False: random LPIPS trunk, for tests only
+    # SD-VAE only: reconstruction term and the PatchGAN (LDM's LPIPSWithDiscriminator)
+    rec_loss: str = "l1"  # or "l2"
+    disc_start: int = 50_001  # steps without the GAN term (and without training the discriminator)
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_betas: tuple[float, float] = (0.5, 0.9)  # Adam, as taming; its lr follows the autoencoder's schedule
+    collapse_windows: int = 10  # stop after this many log windows in a row with a collapsed GAN (0: never)
+    collapse_gap: float = 10.0  # ... a window is collapsed when mean logits_real - logits_fake exceeds this,
+    collapse_eps: float = 0.05  # ... or d_loss is within this of 0 or of 2
     # bookkeeping
     log_every: int = 10
     ckpt_every: int = 1000
@@ -72,11 +88,20 @@ class TrainConfig:
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
 
     def model_config(self):
-        if self.preset not in DGAE_models:
-            raise InputError(f"unknown preset {self.preset!r}; choose one of {', '.join(DGAE_models)}")
-        return DGAE_models[self.preset](
-            resolution=self.resolution, downsample=self.downsample, latent_channels=self.latent_channels
-        )
+        if self.arch is not None and self.arch not in ARCHS:
+            raise InputError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        preset = self.preset or f"{self.arch or 'dgae'}-s"
+        if preset not in MODELS:
+            raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(MODELS)}")
+        latent = {k: v for k, v in (("downsample", self.downsample), ("latent_channels", self.latent_channels))
+                  if v is not None}
+        try:
+            config = MODELS[preset](resolution=self.resolution, **latent)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if self.arch is not None and config.arch != self.arch:
+            raise InputError(f"preset {preset} is an {config.arch} model, not {self.arch}")
+        return config
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -123,22 +148,28 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
 RESUME_KEYS = ("batch_size", "seed", "world", "resolution", "crop")
 
 
-def save_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                    world: int):
-    """Optimizer state first, weights last: a checkpoint whose two halves disagree on the step is refused."""
+def save_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str, torch.optim.Optimizer], step: int,
+                    cfg: TrainConfig, world: int, disc: torch.nn.Module | None = None):
+    """Optimizer states first, weights last: a checkpoint whose two halves disagree on the step is refused.
+
+    ``opts`` maps names to optimizers ("optimizer", and "disc_optimizer" for SD-VAE); ``disc`` is SD-VAE's
+    discriminator, stored as ``disc.*`` tensors beside ``model.*`` and ``ema.*``.
+    """
     meta = {"step": str(step), "train_config": json.dumps({**dataclasses.asdict(cfg), "world": world})}
     with atomic_path(out / "optimizer.pt") as tmp:
-        torch.save({"step": step, "optimizer": opt.state_dict()}, tmp)
+        torch.save({"step": step, **{name: o.state_dict() for name, o in opts.items()}}, tmp)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    if disc is not None:
+        tensors |= {f"disc.{k}": v for k, v in disc.state_dict().items()}
     with atomic_path(out / "checkpoint.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"config": model.config.to_json(), **meta})
     save_model(ema, out / "model.safetensors", step=str(step))
 
 
-def load_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    world: int) -> int:
+def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str, torch.optim.Optimizer],
+                    cfg: TrainConfig, world: int, disc: torch.nn.Module | None = None) -> int:
     path = out / "checkpoint.safetensors"
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -154,25 +185,58 @@ def load_checkpoint(out: Path, model: DGAE, ema: DGAE, opt: torch.optim.Optimize
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     if changed:
         raise InputError(f"{path}: cannot resume exactly with changed settings ({', '.join(changed)})")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for prefix, module in (("model.", model), ("ema.", ema), ("disc.", disc)):
+        if module is not None:
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     if state["step"] != step:
         raise InputError(f"{out}: optimizer.pt is at step {state['step']}, checkpoint at {step}; cannot resume")
-    opt.load_state_dict(state["optimizer"])
+    for name, o in opts.items():
+        o.load_state_dict(state[name])
     return step
 
 
 @torch.no_grad()
-def save_samples(ema: DGAE, batch: torch.Tensor, steps: int, path: Path, seed: int) -> None:
+def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int, path: Path, seed: int) -> None:
     ema.eval()
     z = ema.encode(batch).latent_dist.mode()
     recon = ema.decode(z, steps=steps, generator=torch.Generator().manual_seed(seed))
     save_grid(torch.cat([batch.cpu(), recon.cpu()]), len(batch), path)
 
 
-def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> DGAE:
+def clip_or_diverge(params, max_norm: float, what: str, step: int, out: Path) -> torch.Tensor:
+    """Clip gradients and return their norm; non-finite gradients raise `Diverged`."""
+    try:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=True)
+    except RuntimeError:
+        raise Diverged(f"training diverged at step {step + 1} (non-finite {what} gradients); the checkpoint "
+                       f"in {out} is the last good state") from None
+
+
+class CollapseWatch:
+    """Counts log windows in a row where the GAN looks collapsed: the discriminator separates real from fake by
+    more than ``gap`` logits, or its hinge loss sits at 0 (it wins outright) or 2 (it is fooled outright)."""
+
+    def __init__(self, windows: int, gap: float, eps: float):
+        self.windows, self.gap, self.eps, self.streak = windows, gap, eps, 0
+
+    def update(self, record: dict) -> str | None:
+        """Feed one log record; returns a message once the collapse has lasted ``windows`` windows."""
+        if "d_loss" not in record:
+            return None
+        gap, d_loss = record["logits_real"] - record["logits_fake"], record["d_loss"]
+        collapsed = gap > self.gap or min(d_loss, abs(d_loss - 2.0)) < self.eps
+        self.streak = self.streak + 1 if collapsed else 0
+        if self.windows and self.streak >= self.windows:
+            return (f"discriminator collapsed at step {record['step']} (d_loss {d_loss:.3f}, logits_real - "
+                    f"logits_fake {gap:.2f} for {self.streak} log windows)")
+        return None
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> Tokenizer:
     """Run (or resume) training to ``cfg.steps`` and return the EMA model. ``on_step(step, logs)`` is called
     after each optimizer step; an exception it raises stops the run after a checkpoint, like Ctrl-C does."""
+    if cfg.rec_loss not in ("l1", "l2"):
+        raise InputError(f"rec_loss {cfg.rec_loss!r}: choose l1 or l2")
     rank, world, device = distributed_setup(cfg.device)
     if cfg.batch_size % world:
         raise InputError(f"batch size {cfg.batch_size} does not split over {world} processes")
@@ -184,19 +248,29 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     model = build_model(cfg.model_config()).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = make_optimizer(model, cfg)
+    opts = {"optimizer": make_optimizer(model, cfg)}
+    opt = opts["optimizer"]
+    gan = model.config.arch == "sdvae"
+    disc = NLayerDiscriminator(ndf=cfg.disc_channels, n_layers=cfg.disc_layers).to(device) if gan else None
+    if gan:
+        opts["disc_optimizer"] = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.disc_betas)
     step = 0
     if cfg.resume and (out / "checkpoint.safetensors").exists():
-        step = load_checkpoint(out, model, ema, opt, cfg, world)
+        step = load_checkpoint(out, model, ema, opts, cfg, world, disc)
     elif (out / "checkpoint.safetensors").exists():
         raise InputError(f"{out}: holds a checkpoint already; pass --resume to continue it or choose another --out")
 
-    loss_fn = DGAELoss(
-        perceptual_net(cfg.lpips_net, cfg.lpips_pretrained) if cfg.lpips_weight > 0 else None,
-        cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight,
-    ).to(device)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    perceptual = perceptual_net(cfg.lpips_net, cfg.lpips_pretrained) if cfg.lpips_weight > 0 else None
+    if gan:
+        loss_fn = SDVAELoss(perceptual, disc, cfg.rec_loss, cfg.kl_weight, cfg.lpips_weight, cfg.disc_weight,
+                            cfg.disc_start).to(device)
+    else:
+        loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight).to(device)
+    wrap = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else m  # noqa: E731
+    net = wrap(model)
+    disc_net = wrap(disc) if gan else None
+    watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None
 
     dataset = ImageFolder(cfg.data, cfg.resolution, cfg.crop, cfg.seed)
     per_rank = cfg.batch_size // world
@@ -210,52 +284,71 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
     in_update = False  # an interrupt between opt.step() and step += 1 must not save a half-made step
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}  # per term: SD-VAE's GAN terms appear only from disc_start on
     try:
-        t0, seen, count = time.perf_counter(), 0, 0
+        t0, seen = time.perf_counter(), 0
         while step < cfg.steps:
             x = next(loader).to(device, non_blocking=True)
             model.train()
             lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            for o in opts.values():
+                for group in o.param_groups:
+                    group["lr"] = lr
             generator.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
             with autocast(device):
-                loss, logs = loss_fn(net, x, generator)
+                loss, logs = loss_fn(net, x, generator, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            try:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, error_if_nonfinite=True)
-            except RuntimeError:
-                raise Diverged(f"training diverged at step {step + 1} (non-finite gradients); the checkpoint "
-                               f"in {out} is the last good state") from None
+            grad_norm = clip_or_diverge(model.parameters(), cfg.grad_clip, "autoencoder", step, out)
             in_update = True
             opt.step()
             update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            if gan and loss_fn.gan_active(step):  # SD-VAE: then the discriminator, on the same batch
+                with autocast(device):
+                    d_loss, d_logs = loss_fn.discriminator_loss(disc_net, x)
+                opts["disc_optimizer"].zero_grad(set_to_none=True)
+                d_loss.backward()
+                clip_or_diverge(disc.parameters(), math.inf, "discriminator", step, out)
+                opts["disc_optimizer"].step()
+                logs |= d_logs
             step += 1
             in_update = False
-            seen, count = seen + x.shape[0] * world, count + 1
+            seen += x.shape[0] * world
             for k, v in logs.items():
-                sums[k] = sums[k] + v if k in sums else v
+                sums[k], counts[k] = (sums[k] + v, counts[k] + 1) if k in sums else (v, 1)
 
+            collapsed = None
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "img_per_s": seen / elapsed,
-                          **{k: v.item() / count for k, v in sums.items()}}
+                          **{k: v.item() / counts[k] for k, v in sums.items()}}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.update(step, record)
-                t0, seen, count, sums = time.perf_counter(), 0, 0, {}
+                t0, seen, sums, counts = time.perf_counter(), 0, {}, {}
+                collapsed = watch.update(record) if watch is not None else None
+            if gan and world > 1 and (step % cfg.log_every == 0 or step == cfg.steps):
+                flag = torch.tensor([collapsed is not None], device=device)
+                dist.broadcast(flag, 0)  # every rank stops together
+                collapsed = collapsed or ("discriminator collapsed (see rank 0)" if flag.item() else None)
+            if collapsed:
+                raise Diverged(f"{collapsed}; the checkpoint in {out} is the last good state")
             if is_main and fixed is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
                 save_samples(ema, fixed, cfg.sample_steps, out / "samples" / f"step-{step:07d}.png", cfg.seed)
-            if is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(out, model, ema, opt, step, cfg, world)
+            # while the GAN looks collapsed, periodic checkpoints wait, so the one on disk stays a good one
+            suspect = watch is not None and watch.streak > 0 and step != cfg.steps
+            if is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps) and not suspect:
+                save_checkpoint(out, model, ema, opts, step, cfg, world, disc)
             if on_step is not None:
                 on_step(step, logs)
-    except Diverged:
+    except Diverged as exc:
+        if is_main:
+            log_file.write(json.dumps({"step": step, "event": "diverged", "message": str(exc)}) + "\n")
+            print(f"warning: {exc}", file=sys.stderr)
         raise
     except BaseException:
         if is_main and step > 0 and not in_update:
-            save_checkpoint(out, model, ema, opt, step, cfg, world)
+            save_checkpoint(out, model, ema, opts, step, cfg, world, disc)
         raise
     finally:
         if progress is not None:

@@ -149,3 +149,48 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) summed over latent dims, one value per image (as SD-VAE's loss uses it)."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class Decoder(nn.Module):
+    """SD-VAE's deterministic decoder (LDM's `Decoder`): latent (B, c, h, w) -> image (B, 3, h*f, w*f).
+
+    It mirrors `Encoder`: the 1x1 ``post_quant_conv`` on z, ``conv_in`` to the top width, the mid block
+    (ResnetBlock, AttnBlock, ResnetBlock), then the levels of ``ch_mult`` in reverse with ``num_res_blocks + 1``
+    residual blocks each and an `Upsample` between levels, ``norm_out`` and ``conv_out`` to RGB.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        dropout: float = 0.0,
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(latent_channels, block_in, 3, padding=1)
+        self.mid = nn.Sequential(
+            ResnetBlock(block_in, block_in, dropout), AttnBlock(block_in), ResnetBlock(block_in, block_in, dropout)
+        )
+        self.up = nn.ModuleList()  # in the order applied: deepest level first
+        for i in reversed(range(len(ch_mult))):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, ch * ch_mult[i], dropout))
+                block_in = ch * ch_mult[i]
+            level.upsample = Upsample(block_in) if i > 0 else nn.Identity()
+            self.up.append(level)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(self.post_quant_conv(z)))
+        for level in self.up:
+            for block in level.block:
+                h = block(h)
+            h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

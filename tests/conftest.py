@@ -52,3 +52,13 @@ def photos(tmp_path, shared_data) -> Path:
         shutil.copy(path, root / ("sub" if i % 2 else ".") / path.name)
     shutil.copy(next((shared_data / "train" / "bsds500").rglob("*.jpg")), root / "bsds.jpg")
     return root
+
+
+@pytest.fixture()
+def train_photos(tmp_path, shared_data) -> Path:
+    """Four real photos from the training pool."""
+    root = tmp_path / "train"
+    root.mkdir()
+    for path in sorted((shared_data / "train" / "bsds500").rglob("*.jpg"))[:4]:
+        shutil.copy(path, root / path.name)
+    return root
