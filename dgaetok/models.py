@@ -95,10 +95,13 @@ class Tokenizer(nn.Module):
     def __init__(self, config: DGAEConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(
-            config.latent_channels, config.enc_channels, config.enc_ch_mult, config.enc_res_blocks, config.dropout
-        )
+        self.encoder = Encoder(*self.vae_args())
         self.file_hash = ""  # set by load_model: latents record which model file made them
+
+    def vae_args(self) -> tuple:
+        """(latent_channels, ch, ch_mult, num_res_blocks, dropout) of the SD-VAE encoder (and SD-VAE's decoder)."""
+        c = self.config
+        return c.latent_channels, c.enc_channels, c.enc_ch_mult, c.enc_res_blocks, c.dropout
 
     def encode(self, x: torch.Tensor) -> EncoderOutput:
         return EncoderOutput(DiagonalGaussian(self.encoder(x)))
@@ -178,9 +181,7 @@ class SDVAE(Tokenizer):
 
     def __init__(self, config: DGAEConfig):
         super().__init__(config)
-        self.decoder = Decoder(
-            config.latent_channels, config.enc_channels, config.enc_ch_mult, config.enc_res_blocks, config.dropout
-        )
+        self.decoder = Decoder(*self.vae_args())  # LDM builds encoder and decoder from one config
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
