@@ -175,11 +175,12 @@ def fid(real: np.ndarray | tuple[np.ndarray, np.ndarray], fake: np.ndarray) -> f
 
 
 def dataset_key(root: str | os.PathLike, files: Iterable[str | os.PathLike], preprocessing: str) -> str:
-    """What reference statistics depend on: the folder, its file list (names and sizes) and the preprocessing."""
+    """What reference statistics depend on: the folder, its file list (names and sizes) and the preprocessing.
+
+    ``files`` are paths as found under ``root`` (absolute, or relative to the working directory like ``root``)."""
     root = Path(root).resolve()
     listing = hashlib.sha256()
-    for f in sorted(Path(f) for f in files):
-        path = f if f.is_absolute() else root / f
+    for path in sorted(Path(f).resolve() for f in files):
         listing.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
     return json.dumps({"root": str(root), "preprocessing": preprocessing, "files": listing.hexdigest()},
                       sort_keys=True)

@@ -104,7 +104,10 @@ class Tokenizer(nn.Module):
         return c.latent_channels, c.enc_channels, c.enc_ch_mult, c.enc_res_blocks, c.dropout
 
     def encode(self, x: torch.Tensor) -> EncoderOutput:
-        return EncoderOutput(DiagonalGaussian(self.encoder(x)))
+        """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32; the encoder runs in bf16 on CUDA)."""
+        with autocast(x.device):
+            moments = self.encoder(x)
+        return EncoderOutput(DiagonalGaussian(moments))
 
     def num_params(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -10,6 +10,10 @@ dgaetok train ../shared/data/train --out "$out" --preset dgae-s -f 8 -c 4 --crop
   --workers 2 --log-every 25 $resume
 python - "$out/model.safetensors" weights/dgae-s-f8c4.safetensors <<'PY'
 import sys, torch
+from safetensors import safe_open
 from dgaetok.models import load_model, save_model
-save_model(load_model(sys.argv[1]), sys.argv[2], dtype=torch.float16, source="scripts/train_default_cpu.sh")
+with safe_open(sys.argv[1], "pt") as fh:
+    step = fh.metadata()["step"]
+save_model(load_model(sys.argv[1]), sys.argv[2], dtype=torch.float16, source="scripts/train_default_cpu.sh",
+           step=step, data="../shared/data/train (1765 photos)", weights="EMA 0.999")
 PY

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,9 @@ def test_reference_stats_are_computed_once(tmp_path, shared_data):
     files = sorted(folder.glob("*.JPEG"))[:3]
     key = dataset_key(folder, files, "resize256-crop256")
     assert key != dataset_key(folder, files, "resize512-crop512") != dataset_key(folder, files[:2], "resize256-crop256")
+    # a folder given relative to the working directory, with its files as found under it, is the same dataset
+    relative = Path(os.path.relpath(folder))
+    assert dataset_key(relative, [relative / f.name for f in files], "resize256-crop256") == key
     calls = []
     features = np.random.default_rng(0).normal(size=(10, 8))
 
