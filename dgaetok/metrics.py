@@ -1,4 +1,5 @@
-"""Reconstruction metrics as papers report them: PSNR, SSIM, LPIPS and rFID, on uint8 RGB images.
+"""Metrics as papers report them, on uint8 RGB images: PSNR, SSIM, LPIPS and rFID for reconstructions; gFID,
+sFID, precision and recall for generated images (ADM's evaluator's definitions).
 
 Images are uint8 tensors (N, H, W, 3), the layout ``files.to_uint8`` produces. Per-image values are averaged
 over images; rFID is the Fréchet distance between Inception pool3 features of originals and reconstructions.
@@ -169,6 +170,84 @@ def fid(real: np.ndarray | tuple[np.ndarray, np.ndarray], fake: np.ndarray) -> f
         return frechet_distance(mu1, sigma1, mu2, sigma2)
     centred = fake - mu2
     return _frechet(mu1, sigma1, mu2, sigma2, _trace_sqrt_psd(centred @ sigma1 @ centred.T / (len(fake) - 1)))
+
+
+# --- generation metrics: sFID, precision and recall (ADM's evaluator) -----------------------------------------
+
+# sFID's features. ADM's evaluator (guided-diffusion evaluations/evaluator.py) reads ``mixed_6/conv:0`` of the TF
+# 2015-12-05 Inception graph, keeps channels ``[..., :7]`` and flattens. In that graph the mixed blocks are named
+# mixed, mixed_1, ... mixed_10 for torchvision's Mixed_5b ... Mixed_7c, and ``<block>/conv`` is a block's first
+# tower, its 1x1 conv (+ batch norm + ReLU); ``pretrained._TF_LAYERS`` is the same map, used to convert the FID
+# weights, and sends ``mixed_6.conv`` to ``Mixed_6d.branch1x1``: (N, 192, 17, 17) at 299 px. 7 channels x 17 x 17 =
+# 2023 dims, flattened in TF's (h, w, c) order. (Not Mixed_6e's output, nor 768 channels: "mixed_6" is 6d.)
+SFID_TF_LAYER = "mixed_6.conv"
+SFID_CHANNELS = 7
+PR_NEIGHBOURS = 3  # k of the k-NN manifolds, as Kynkäänniemi et al. and ADM
+
+
+def sfid_layer() -> str:
+    from .pretrained import _TF_LAYERS
+
+    return _TF_LAYERS[SFID_TF_LAYER]
+
+
+@torch.no_grad()
+def gen_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool3 features (N, 2048) and sFID spatial features (N, 2023) of uint8 (N, H, W, 3) images, from one pass.
+
+    ``model`` is ``pretrained.fid_inception`` (pool3 block); preprocessing is pytorch-fid's, as for FID.
+    """
+    block, branch = sfid_layer().split(".")
+    captured = []
+    hook = getattr(model.named_layers[block], branch).register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        pool = inception_features(model, images)
+    finally:
+        hook.remove()
+    spatial = captured[-1][:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+    return pool, spatial.double().cpu()
+
+
+def _pairwise_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b)  # float64: the matmul form's round-off is far below any k-NN radius
+
+
+def manifold_radii(features: torch.Tensor | np.ndarray, k: int = PR_NEIGHBOURS, batch: int = 1024) -> torch.Tensor:
+    """Distance from each feature vector to its k-th nearest neighbour in the same set (itself excluded)."""
+    f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    if len(f) <= k:
+        raise ValueError(f"k-NN radii with k = {k} need more than {k} feature vectors, got {len(f)}")
+    return torch.cat([_pairwise_dist(f[i:i + batch], f).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(f), batch)])
+
+
+def manifold_coverage(manifold: torch.Tensor | np.ndarray, radii: torch.Tensor, queries: torch.Tensor | np.ndarray,
+                      batch: int = 1024) -> float:
+    """Fraction of ``queries`` inside at least one ball (manifold point, its radius)."""
+    m = torch.as_tensor(np.asarray(manifold), dtype=torch.float64)
+    q = torch.as_tensor(np.asarray(queries), dtype=torch.float64)
+    inside = [(_pairwise_dist(q[i:i + batch], m) <= radii[None]).any(dim=1) for i in range(0, len(q), batch)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray,
+                     k: int = PR_NEIGHBOURS) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets (N, D).
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour; precision
+    is the fraction of fake points inside the real manifold, recall the fraction of real points inside the fake.
+    """
+    precision = manifold_coverage(real, manifold_radii(real, k), fake)
+    recall = manifold_coverage(fake, manifold_radii(fake, k), real)
+    return precision, recall
+
+
+def gen_metrics(real_pool: np.ndarray, real_spatial: np.ndarray, fake_pool: np.ndarray, fake_spatial: np.ndarray,
+                k: int = PR_NEIGHBOURS) -> dict[str, float]:
+    """gFID (pool3), sFID (spatial), precision and recall (pool3, k-NN) of generated against reference features."""
+    precision, recall = precision_recall(real_pool, fake_pool, k)
+    return {"fid": fid(real_pool, fake_pool), "sfid": fid(real_spatial, fake_spatial),
+            "precision": precision, "recall": recall}
 
 
 # --- cached reference statistics ----------------------------------------------------------------------------

@@ -495,6 +495,8 @@ class FIDInceptionV3(InceptionV3):
             [net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))],
         ]
         self.blocks = nn.ModuleList(nn.Sequential(*b) for b in blocks[: self.last_needed_block + 1])
+        # By torchvision name (Mixed_6d, ...), for hooks on inner layers; a plain dict, so no new state-dict keys.
+        self.named_layers = dict(net.named_children())
 
 
 def fid_inception(device: torch.device | str = "cpu", blocks: Sequence[int] = (POOL3,),
