@@ -318,6 +318,51 @@ def bench_rfid(
     console.print(f"wrote {escape(str(output / 'rfid.json'))} and {escape(str(output / 'rfid-grid.png'))}")
 
 
+@bench_app.command("gen")
+@user_errors
+def bench_gen(
+    data: Path = typer.Argument(..., help="Training images; first-level folders are class labels (ImageFolder)."),
+    tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Model file or name; repeat to compare."),
+    dit: str = typer.Option("DiT-B/2", help="DiT-{S,B,L,XL}/{1,2} (DiT-T/* is a tiny test size)."),
+    steps: int = typer.Option(10_000, min=1, help="Training steps per tokenizer (a larger value extends a run)."),
+    minutes: Optional[float] = typer.Option(None, min=0.0, help="Also stop after this much training time."),
+    eval_every: int = typer.Option(2_000, min=1, help="Evaluate (and checkpoint) every N steps, and at the end."),
+    num_samples: int = typer.Option(1_000, min=4, help="Generated images per evaluation."),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(1e-4, min=0.0),
+    ema_decay: float = typer.Option(0.9999, min=0.0, max=1.0),
+    sample_steps: int = typer.Option(50, min=1, help="Euler steps of the DiT's flow when sampling."),
+    cfg: float = typer.Option(1.0, help="Classifier-free guidance scale (1: none, as the paper reports)."),
+    decode_steps: int = typer.Option(50, min=1, help="Tokenizer decode steps (ignored by SD-VAE)."),
+    unconditional: bool = typer.Option(False, help="Ignore folder labels."),
+    limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),
+    seed: int = typer.Option(0),
+    output: Path = typer.Option(Path("bench-gen"), "-o", "--output", help="Folder for curve.csv, gen.json, curve.png."),
+    device: Optional[str] = typer.Option(None),
+):
+    """Train a DiT on each tokenizer's latents; gFID, sFID, precision and recall along training."""
+    from .files import prepare_output_dir
+    from .gen import GenConfig, bench_gen as run
+
+    dev = pick_device(device)
+    prepare_output_dir(output)
+    config = GenConfig(str(data), list(tokenizer), str(output), dit, steps, minutes, eval_every, num_samples,
+                       batch_size, lr, ema_decay, sample_steps, cfg, decode_steps, not unconditional, limit, seed,
+                       str(dev))
+    result = run(config, log=lambda line: console.print(escape(line), highlight=False))
+    table = Table("tokenizer", "latent", "DiT", "step", "train min", "gFID", "sFID", "precision", "recall",
+                  title=f"{result.images} images from {escape(str(data))}, {num_samples} samples, device {dev}")
+    for r in result.runs:
+        for row in r.curve:
+            table.add_row(Text(r.name), "x".join(map(str, r.latent_shape)), r.dit, str(row["step"]),
+                          f"{row['train_s'] / 60:.1f}", f"{row['fid']:.2f}", f"{row['sfid']:.2f}",
+                          f"{row['precision']:.3f}", f"{row['recall']:.3f}")
+    out.print(table)
+    for message in result.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {escape(message)}")
+    console.print(f"wrote {escape(str(output / 'curve.csv'))}, gen.json and curve.png")
+
+
 def main() -> None:  # `python -m dgaetok.cli` for torchrun
     app()
 
