@@ -99,12 +99,11 @@ class LabelEmbedder(nn.Module):
         self.num_classes, self.dropout = num_classes, dropout
         self.embedding_table = nn.Embedding(num_classes + int(dropout > 0), dim)
 
-    def forward(self, labels: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
-        drop = None
-        if self.training and self.dropout > 0:
+    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop`` (N,) bool: which labels to replace by the null label; None: drawn at the dropout rate while
+        training (a caller that wants reproducible runs draws it with its own generator)."""
+        if drop is None and self.training and self.dropout > 0:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout
-        if force_drop is not None:
-            drop = force_drop if drop is None else drop | force_drop
         if drop is not None:
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
@@ -202,7 +201,8 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 force_drop: torch.Tensor | None = None) -> torch.Tensor:
-        """``force_drop`` (N,) bool replaces those labels by the null label (classifier-free guidance)."""
+        """``force_drop`` (N,) bool replaces those labels by the null label (classifier-free guidance, or the
+        training-time label dropout drawn by the caller); None while training draws it at ``class_dropout``."""
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t)
         if self.y_embedder is not None:

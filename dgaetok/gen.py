@@ -396,8 +396,12 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
             noise = torch.randn(x.shape, generator=gen).to(device)
             t = flow.sample_t(len(x), "cpu", gen).to(device)
             target = flow.velocity_target(x, noise)
+            labels = drop = None
+            if classes:  # label dropout for classifier-free guidance, from the step's generator too
+                labels = y[idx].to(device)
+                drop = (torch.rand(len(x), generator=gen) < dit.config.class_dropout).to(device)
             with autocast(device):
-                v = dit(flow.interpolate(x, noise, t), t, y[idx].to(device) if classes else None)
+                v = dit(flow.interpolate(x, noise, t), t, labels, drop)
             loss = (v.float() - target).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
