@@ -8,9 +8,8 @@ Times are flow times t in [0, 1] (t = 1 noise), embedded as 1000 t like the ADM 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import dataclasses
-import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,13 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import flow
+from .models import JsonConfig
 from .unet import timestep_embedding
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features, as DiT
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(JsonConfig):
     input_size: int = 32  # latent side
     in_channels: int = 4  # latent channels
     patch_size: int = 2
@@ -42,14 +42,6 @@ class DiTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DiTConfig":
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

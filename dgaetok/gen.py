@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from . import __version__, flow
 from .dit import DiT, DiT_models
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, atomic_path, center_crop, find_files, open_image, save_grid, to_tensor, to_uint8
+from .bench import eval_images
+from .files import atomic_path, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, autocast, load_model, resolve_model
 from .train import update_ema
@@ -92,33 +93,16 @@ class GenResult:
 # --- data --------------------------------------------------------------------------------------------------------
 
 
-def image_labels(data: str | Path, conditional: bool, limit: int | None) -> tuple[list[Path], list[int], list[str]]:
-    """Image files, their class indices and the class names (first-level folders; none: unconditional)."""
+def image_labels(data: str | Path, paths: list[Path], conditional: bool) -> tuple[list[int], list[str]]:
+    """Class indices of ``paths`` and the class names: DATA's first-level folders (ImageFolder layout). None (all 0)
+    when not ``conditional``, when some image lies directly in DATA, or when there are fewer than two folders."""
     root = Path(data)
-    files = find_files(root, IMAGE_SUFFIXES)[:limit]
-    if not files:
-        raise InputError(f"{data}: no images found")
     tops = [p.relative_to(root).parts[0] if root.is_dir() and len(p.relative_to(root).parts) > 1 else None
-            for p in files]
+            for p in paths]
     classes = sorted(set(tops)) if conditional and None not in tops else []
     if len(classes) < 2:
-        return files, [0] * len(files), []
-    return files, [classes.index(t) for t in tops], classes
-
-
-def load_images(files: list[Path], labels: list[int], resolution: int
-                ) -> tuple[list[torch.Tensor], list[int], list[str]]:
-    """Center crops at ``resolution`` in [-1, 1]; unreadable files are reported, not fatal."""
-    images, kept, skipped = [], [], []
-    for path, label in zip(files, labels):
-        try:
-            images.append(to_tensor(center_crop(open_image(path), resolution, 1)[0]))
-            kept.append(label)
-        except InputError as exc:
-            skipped.append(str(exc))
-    if len(images) <= PR_NEIGHBOURS:
-        raise InputError(f"need more than {PR_NEIGHBOURS} readable images, found {len(images)}")
-    return images, kept, skipped
+        return [0] * len(paths), []
+    return [classes.index(t) for t in tops], classes
 
 
 def _batches(n: int, size: int):
@@ -329,8 +313,7 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    files, labels, classes = image_labels(cfg.data, cfg.conditional, cfg.limit)
-    result = GenResult(str(cfg.data), len(files), {k: v for k, v in dataclasses.asdict(cfg).items()})
+    result = GenResult(str(cfg.data), 0, dataclasses.asdict(cfg))
     inception = pretrained.fid_inception(device)
     curve_path = out / "curve.csv"
     rows = read_curve(curve_path)
@@ -338,9 +321,11 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     for name, model_name in zip(names, cfg.tokenizers):
         tokenizer = load_model(model_name, device)
         res = tokenizer.config.resolution
-        images, kept_labels, skipped = load_images(files, labels, res)
+        files, images, result.skipped = eval_images(cfg.data, res, cfg.limit)  # unreadable files: reported
+        if len(images) <= PR_NEIGHBOURS:
+            raise InputError(f"{cfg.data}: need more than {PR_NEIGHBOURS} readable images, found {len(images)}")
+        labels, classes = image_labels(cfg.data, files, cfg.conditional)
         result.images = len(images)
-        result.skipped = skipped
         key = dataset_key(cfg.data, files, f"rgb-shorter{res}-center{res}-bicubic")
         log(f"{name}: reference features ({len(images)} images at {res} px)")
         ref_pool, ref_spatial = reference_features(inception, images, out / f"reference-{res}.npz", key,
@@ -348,7 +333,7 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
         folder = out / name
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         log(f"{name}: latents")
-        z, y, mean, std = encode_latents(tokenizer, images, kept_labels, folder / "latents.safetensors",
+        z, y, mean, std = encode_latents(tokenizer, images, labels, folder / "latents.safetensors",
                                          json.dumps({"data": key, "model": tokenizer.file_hash}), cfg.batch_size)
         zn = (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         try:

@@ -28,8 +28,21 @@ from .vae import Decoder, DiagonalGaussian, Encoder, ch_mult_for
 FORMAT = "dgaetok-model/1"
 
 
+class JsonConfig:
+    """Config dataclasses that travel as JSON in file metadata; unknown keys (from newer files) are dropped."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(frozen=True)
-class DGAEConfig:
+class DGAEConfig(JsonConfig):
     """Everything needed to rebuild a tokenizer; the latent is (latent_channels, res / downsample, res / downsample).
 
     ``arch`` is the family: "dgae" or "sdvae" (files written before SD-VAE existed have no ``arch`` and load as
@@ -69,14 +82,6 @@ class DGAEConfig:
         side = self.resolution // self.downsample
         return (self.latent_channels, side, side)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DGAEConfig":
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
