@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -271,24 +271,23 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
-def sample_images(ema: DiT, tokenizer: Tokenizer, cfg: GenConfig, n_classes: int, mean: torch.Tensor,
-                  std: torch.Tensor) -> torch.Tensor:
-    """``num_samples`` images in [-1, 1] (CPU), from the same seeded noise and labels at every evaluation."""
+def sample_batches(ema: DiT, tokenizer: Tokenizer, cfg: GenConfig, n_classes: int, mean: torch.Tensor,
+                   std: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``num_samples`` images in [-1, 1] (CPU), batch by batch, from the same seeded noise and labels at every
+    evaluation; labels cycle through the classes, so every class gets its share."""
     device = next(ema.parameters()).device
     c = ema.config
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise = torch.randn((cfg.num_samples, c.in_channels, c.input_size, c.input_size), generator=gen)
     labels = torch.arange(cfg.num_samples) % n_classes if n_classes else None
     shape = (-1, 1, 1)
-    out = []
     for a, b in _batches(cfg.num_samples, cfg.batch_size):
         y = labels[a:b].to(device) if labels is not None else None
         with autocast(device):
             z = ema.sample(noise[a:b].to(device), y, cfg.sample_steps, cfg.cfg).float()
         z = z * std.to(device).view(shape) + mean.to(device).view(shape)
         decode_gen = torch.Generator().manual_seed(cfg.seed + 2 + a)
-        out.append(tokenizer.decode(z, steps=cfg.decode_steps, generator=decode_gen).cpu())
-    return torch.cat(out)
+        yield tokenizer.decode(z, steps=cfg.decode_steps, generator=decode_gen).cpu()
 
 
 def run_name(model: str) -> str:
@@ -355,10 +354,11 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
 
         def evaluate(at_step: int) -> None:
             log(f"{name}: evaluating step {at_step} ({cfg.num_samples} samples)")
-            images_out = sample_images(ema, tokenizer, cfg, len(classes), mean, std)
-            save_grid(images_out[:16], 8, folder / "samples" / f"step-{at_step:07d}.png")
-            feats = [gen_features(inception, to_uint8(images_out[a:b]))
-                     for a, b in _batches(len(images_out), cfg.batch_size)]
+            feats, grid = [], []
+            for batch in sample_batches(ema, tokenizer, cfg, len(classes), mean, std):
+                feats.append(gen_features(inception, to_uint8(batch)))  # features only: 10k images would not fit
+                grid.append(batch[: 16 - sum(map(len, grid))])
+            save_grid(torch.cat(grid), 8, folder / "samples" / f"step-{at_step:07d}.png")
             pool, spatial = (torch.cat(f).numpy() for f in zip(*feats))
             m = gen_metrics(ref_pool, ref_spatial, pool, spatial)
             rows.append({"tokenizer": name, "step": at_step, "train_s": round(train_s, 3),
