@@ -129,13 +129,14 @@ def reference_features(inception, images: list[torch.Tensor], path: Path, key: s
 
 
 def encode_latents(model: Tokenizer, images: list[torch.Tensor], labels: list[int], path: Path, key: str,
-                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, labels, mean, std): posterior means of ``images``, and their per-channel statistics, computed
-    once and stored in ``path`` (reused while ``key`` — data and model file — is unchanged)."""
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, mean, std): posterior means of ``images``, and their per-channel statistics, computed once and
+    stored in ``path`` (reused while ``key`` — data and model file — is unchanged; ``labels`` are stored for
+    reference only)."""
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
             if (fh.metadata() or {}).get("key") == key:
-                return tuple(fh.get_tensor(k) for k in ("latents", "labels", "mean", "std"))
+                return tuple(fh.get_tensor(k) for k in ("latents", "mean", "std"))
     device = next(model.parameters()).device
     zs = []
     with torch.no_grad():
@@ -147,7 +148,7 @@ def encode_latents(model: Tokenizer, images: list[torch.Tensor], labels: list[in
     tensors = {"latents": z, "labels": torch.tensor(labels, dtype=torch.long), "mean": mean, "std": std}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"key": key, "model_hash": model.file_hash})
-    return z, tensors["labels"], mean, std
+    return z, mean, std
 
 
 # --- DiT checkpoints ---------------------------------------------------------------------------------------------
@@ -332,7 +333,8 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
         folder = out / name
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         log(f"{name}: latents")
-        z, y, mean, std = encode_latents(tokenizer, images, labels, folder / "latents.safetensors",
+        y = torch.tensor(labels, dtype=torch.long)  # from the file names, whatever the cache holds
+        z, mean, std = encode_latents(tokenizer, images, labels, folder / "latents.safetensors",
                                          json.dumps({"data": key, "model": tokenizer.file_hash}), cfg.batch_size)
         zn = (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         try:

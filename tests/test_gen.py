@@ -207,3 +207,17 @@ def test_bench_gen_bad_input(tmp_path, labelled, tiny_model_file):
     assert result.exit_code == 2 and "unknown DiT" in result.stderr
     result = bench(tmp_path / "missing", tiny_model_file, tmp_path / "o")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_gen_two_tokenizers_side_by_side(tmp_path, labelled, tiny_model_file):
+    from conftest import save_tiny_model
+
+    other = save_tiny_model(tmp_path, seed=1)
+    out = tmp_path / "two"
+    result = bench(labelled, tiny_model_file, out, "--tokenizer", other, "--steps", "1", "--unconditional")
+    assert result.exit_code == 0, result.output
+    assert [(r["tokenizer"], r["step"]) for r in curve(out)] == [(tiny_model_file.stem, "1"), (other.stem, "1")]
+    runs = json.loads((out / "gen.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == [tiny_model_file.stem, other.stem] and runs[0]["classes"] == []
+    same = bench(labelled, tiny_model_file, tmp_path / "o", "--tokenizer", tiny_model_file)
+    assert same.exit_code == 2 and "different names" in same.stderr
