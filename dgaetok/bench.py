@@ -92,6 +92,8 @@ def rfid(
 ) -> RfidResult:
     """Evaluate ``model`` on the images in ``data`` at each decode step count; ``on_batch(n)`` reports progress."""
     device = next(model.parameters()).device
+    if model.single_step:  # one result, reported as the one pass it is, whatever step counts were asked
+        steps = [1]
     paths, images, skipped = eval_images(data, resolution, limit)
     f = model.config.downsample
     result = RfidResult(model_name, model.file_hash, str(data), len(images), resolution,

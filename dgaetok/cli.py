@@ -306,10 +306,10 @@ def bench_rfid(
         result = rfid(m, str(resolve_model(model)), data, steps, limit, batch_size, seed, sampler, shift, lpips_net,
                       output / "rfid-grid.png", resolution=resolution, on_batch=lambda n: progress.advance(task, n))
     write_json(result, output / "rfid.json")
-    table = Table("model", "latent", "steps", "rFID", "PSNR", "SSIM", f"LPIPS-{lpips_net}", "img/s", "device",
-                  title=f"{result.images} images from {escape(str(data))}")
+    table = Table("latent", "steps", "rFID", "PSNR", "SSIM", f"LPIPS-{lpips_net}", "img/s", "device",
+                  title=f"{escape(Path(result.model).name)}: {result.images} images from {escape(str(data))}")
     for r in result.results:
-        table.add_row(Text(Path(result.model).name), "x".join(map(str, result.latent_shape)), str(r.steps),
+        table.add_row("x".join(map(str, result.latent_shape)), str(r.steps),
                       f"{r.rfid:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.lpips:.4f}", f"{r.images_per_s:.2f}",
                       result.device)
     out.print(table)

@@ -248,7 +248,9 @@ def test_encode_sample_is_seeded_per_image(tmp_path, album, encoded, tiny_model_
         (za, ma), (zb, _), (zc, _) = runs["a"][rel], runs["b"][rel], runs["c"][rel]
         zmean = read_latent(mean_dir / rel)[0]
         assert ma["sampled"] == "true"
-        torch.testing.assert_close(za, zb, atol=1e-5, rtol=0)  # same seed: same draw, whatever the batching
+        # same seed: same draw, whatever the batching (up to float32 rounding, which oneDNN's channels_last
+        # kernels make batch-size dependent; another draw would differ by about the posterior std)
+        torch.testing.assert_close(za, zb, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(za, zc)  # another seed: another draw
         assert not torch.allclose(za, zmean)  # a draw, not the mean
     # z = mean + std * eps with eps ~ N(0, I), and a fresh eps for each image (not one noise for every file)

@@ -228,5 +228,5 @@ def test_cli_bench_rfid_on_an_sdvae_file(sdvae_file, shared_data, tmp_path):
     assert "ignored" in result.stderr
     report = json.loads((out / "rfid.json").read_text())
     assert report["images"] == 3 and report["latent_shape"] == [4, 8, 8]
-    a, b = report["results"]
-    assert (a["psnr"], a["ssim"], a["lpips"]) == (b["psnr"], b["ssim"], b["lpips"]) and a["psnr"] > 0
+    (only,) = report["results"]  # one pass, whatever --steps asked
+    assert only["steps"] == 1 and only["psnr"] > 0
