@@ -43,7 +43,6 @@ class DiTConfig(JsonConfig):
             raise ValueError(f"hidden size {self.hidden_size} does not split into {self.num_heads} heads")
 
 
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 

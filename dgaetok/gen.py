@@ -37,7 +37,7 @@ from .bench import eval_images
 from .files import atomic_path, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, autocast, load_model, resolve_model
-from .train import update_ema
+from .train import ema_decay_at, update_ema
 
 CURVE_FIELDS = ("tokenizer", "step", "train_s", "samples", "fid", "sfid", "precision", "recall")
 # Settings a checkpoint depends on: changing them between runs would silently mix two experiments.
@@ -266,11 +266,6 @@ def plot_curve(rows: list[dict], path: Path, metric: str = "fid", size: tuple[in
 # --- the benchmark -------------------------------------------------------------------------------------------------
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay warmed up as (1 + step) / (10 + step), so short runs are not dominated by the initial weights."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 @torch.no_grad()
 def sample_batches(ema: DiT, tokenizer: Tokenizer, cfg: GenConfig, n_classes: int, mean: torch.Tensor,
                    std: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -318,10 +313,13 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     curve_path = out / "curve.csv"
     rows = read_curve(curve_path)
 
+    loaded = {}  # resolution -> eval_images(...): tokenizers of one resolution share the decoded crops
     for name, model_name in zip(names, cfg.tokenizers):
         tokenizer = load_model(model_name, device)
         res = tokenizer.config.resolution
-        files, images, result.skipped = eval_images(cfg.data, res, cfg.limit)  # unreadable files: reported
+        if res not in loaded:
+            loaded[res] = eval_images(cfg.data, res, cfg.limit)
+        files, images, result.skipped = loaded[res]  # unreadable files: reported
         if len(images) <= PR_NEIGHBOURS:
             raise InputError(f"{cfg.data}: need more than {PR_NEIGHBOURS} readable images, found {len(images)}")
         labels, classes = image_labels(cfg.data, files, cfg.conditional)

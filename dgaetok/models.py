@@ -83,7 +83,6 @@ class DGAEConfig(JsonConfig):
         return (self.latent_channels, side, side)
 
 
-
 @dataclass
 class EncoderOutput:
     latent_dist: DiagonalGaussian

@@ -121,6 +121,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 @torch.no_grad()
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up as (1 + step) / (10 + step), so short runs are not dominated by the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_p, model_p = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
@@ -302,7 +307,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             grad_norm = clip_or_diverge(model.parameters(), cfg.grad_clip, "autoencoder", step, out)
             in_update = True
             opt.step()
-            update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
             if gan and loss_fn.gan_active(step):  # SD-VAE: then the discriminator, on the same batch
                 with autocast(device):
                     d_loss, d_logs = loss_fn.discriminator_loss(disc_net, x)
