@@ -34,3 +34,39 @@ def test_throughput_runs_on_cpu_and_counts_decode_flops(tmp_path):
         model.decode(torch.randn(1, 4, 4, 4), steps=3, noise=torch.randn(1, 3, 32, 32))
     assert rows[("decode", 3)]["gflop_per_img"] * 1e9 == counter.get_total_flops()
     assert rows[("train step", None)]["gflop_per_img"] > 2 * rows[("decode", 1)]["gflop_per_img"]
+
+
+def test_table2_driver_trains_pauses_resumes_and_tabulates(tmp_path, shared_data):
+    """The Table 2 driver end to end at its test scale: one latent size, both families. A session budget of zero
+    stops it after one step with a checkpoint (status 3); the rerun finishes, scores and tabulates; a third run
+    retrains and rescores nothing."""
+    out = tmp_path / "table2"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "table2.py"), "--scale", "tiny", "--out", str(out),
+           "--channels", "8", "--limit", "3", "--grid-rows", "2", "--data", str(shared_data / "train" / "bsds500"),
+           "--eval-data", str(shared_data / "eval" / "imagenet-val500")]
+    env = {"OMP_NUM_THREADS": "1", "PATH": ""}
+    paused = subprocess.run(cmd + ["--session-minutes", "0"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert paused.returncode == 3, paused.stderr
+    assert "train: c8-sdvae: paused at step 1 of" in paused.stdout
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    result = json.loads((out / "table2.json").read_text())
+    rows = {r["family"]: r for r in result["rows"]}
+    assert set(rows) == {"sdvae", "dgae"}
+    for family, row in rows.items():
+        assert row["train_steps"] == plan["runs"][f"c8-{family}"]["steps"] > 1
+        assert row["latent"] == 8 * 4 * 4 and row["images"] == 3
+        assert row["encoder_params"] == rows["dgae"]["encoder_params"]  # one encoder for both families
+        assert 0 < row["psnr"] < 60 and 0 <= row["lpips"]
+    assert (rows["sdvae"]["steps"], rows["dgae"]["steps"]) == (1, 2)
+    assert "| 128 (4x4x8) | SD-VAE (sdvae-t)" in (out / "table2.md").read_text()
+    from PIL import Image
+    assert Image.open(out / "table2-grid.png").size == (3 * 66 + 2, 2 * 66 + 2)  # original | SD-VAE | DGAE, 2 rows
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} | {p: p.stat().st_mtime_ns
+                                                                              for p in out.rglob("rfid.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
