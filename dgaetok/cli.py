@@ -323,6 +323,8 @@ def bench_rfid(
 def bench_gen(
     data: Path = typer.Argument(..., help="Training images; first-level folders are class labels (ImageFolder)."),
     tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Model file or name; repeat to compare."),
+    latents: list[str] = typer.Option([], "--latents", help="Latents of the n-th --tokenizer from `dgaetok encode` "
+                                      "(default: encode DATA); '-' encodes that one on the fly."),
     dit: str = typer.Option("DiT-B/2", help="DiT-{S,B,L,XL}/{1,2} (DiT-T/* is a tiny test size)."),
     steps: int = typer.Option(10_000, min=1, help="Training steps per tokenizer (a larger value extends a run)."),
     minutes: Optional[float] = typer.Option(None, min=0.0, help="Also stop after this much training time."),
@@ -348,7 +350,7 @@ def bench_gen(
     prepare_output_dir(output)
     config = GenConfig(str(data), list(tokenizer), str(output), dit, steps, minutes, eval_every, num_samples,
                        batch_size, lr, ema_decay, sample_steps, cfg, decode_steps, not unconditional, limit, seed,
-                       str(dev))
+                       str(dev), [None if d == "-" else d for d in latents])
     result = run(config, log=lambda line: console.print(escape(line), highlight=False))
     table = Table("tokenizer", "latent", "DiT", "step", "train min", "gFID", "sFID", "precision", "recall",
                   title=f"{result.images} images from {escape(str(data))}, {num_samples} samples, device {dev}")

@@ -1,7 +1,7 @@
 """`dgaetok bench gen`: how well a DiT learns on each tokenizer's latents (the paper's Table 3 and Fig. 7).
 
-Per tokenizer: encode DATA once (posterior mean, center crop at the tokenizer's resolution), normalise the latents
-by per-channel mean and std computed once over them, train a DiT with the flow-matching objective of `flow` (the
+Per tokenizer: encode DATA once (posterior mean, center crop at the tokenizer's resolution), or read the latents
+`dgaetok encode` wrote for it (``latents``), normalise them by per-channel mean and std computed once over them, train a DiT with the flow-matching objective of `flow` (the
 decoder's), and at every ``eval_every`` steps sample ``num_samples`` latents from the EMA DiT with fixed seeds,
 decode them with the tokenizer and score them against DATA's images: gFID, sFID, precision, recall
 (`metrics.gen_metrics`). Labels are DATA's first-level folder names (ImageFolder layout); with fewer than two
@@ -12,6 +12,7 @@ Files in ``out``: ``reference-<res>.npz`` (the reference images' features), per 
 (the checkpoint) and ``<name>/samples/step-*.png``; ``curve.csv`` (one row per evaluation), ``gen.json`` and
 ``curve.png`` (FID against training step, one line per tokenizer). Running the same command again continues
 training from the checkpoints and skips evaluations already in ``curve.csv``; a larger ``steps`` extends a run.
+``eval.json`` holds the evaluation settings of ``curve.csv``'s rows; a rerun with other ones is refused.
 """
 from __future__ import annotations
 
@@ -34,14 +35,17 @@ from . import __version__, flow
 from .dit import DiT, DiT_models
 from .errors import InputError
 from .bench import eval_images
-from .files import atomic_path, save_grid, to_uint8
+from .files import atomic_path, find_files, read_latent, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, autocast, load_model, resolve_model
+from .pipeline import check_latent
 from .train import ema_decay_at, update_ema
 
 CURVE_FIELDS = ("tokenizer", "step", "train_s", "samples", "fid", "sfid", "precision", "recall")
 # Settings a checkpoint depends on: changing them between runs would silently mix two experiments.
 RESUME_KEYS = ("dit", "batch_size", "lr", "ema_decay", "seed", "conditional", "limit")
+# Settings every row of curve.csv is measured with: rows made with others are not comparable.
+EVAL_KEYS = ("num_samples", "sample_steps", "cfg", "decode_steps", "seed")
 
 
 @dataclass
@@ -64,6 +68,7 @@ class GenConfig:
     limit: int | None = None  # only the first N images of DATA
     seed: int = 0
     device: str = "cpu"
+    latents: list[str | None] = field(default_factory=list)  # per tokenizer: a `dgaetok encode` folder, or None
 
 
 @dataclass
@@ -128,38 +133,69 @@ def reference_features(inception, images: list[torch.Tensor], path: Path, key: s
     return pool, spatial
 
 
-def encode_latents(model: Tokenizer, images: list[torch.Tensor], labels: list[int], path: Path, key: str,
-                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, mean, std): posterior means of ``images``, and their per-channel statistics, computed once and
-    stored in ``path`` (reused while ``key`` — data and model file — is unchanged; ``labels`` are stored for
-    reference only)."""
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("key") == key:
-                return tuple(fh.get_tensor(k) for k in ("latents", "mean", "std"))
+def read_latent_folder(tokenizer: Tokenizer, root: str | Path, limit: int | None
+                       ) -> tuple[list[Path], list[torch.Tensor], list[str]]:
+    """(files, latents, skipped): the first ``limit`` usable latents that `dgaetok encode` wrote under ``root``.
+    Files that are unreadable, made by another model, or of another shape than the first (``--keep-size``
+    latents) are reported in ``skipped``, not fatal."""
+    files, latents, skipped = [], [], []
+    for path in find_files(root, {".safetensors"}):
+        if limit is not None and len(latents) == limit:
+            break
+        try:
+            latent, meta = read_latent(path)
+            check_latent(tokenizer, path, latent, meta)
+            if latents and latent.shape != latents[0].shape:
+                raise InputError(f"{path}: latent shape {tuple(latent.shape)} differs from "
+                                 f"{tuple(latents[0].shape)} (encode without --keep-size)")
+        except InputError as exc:
+            skipped.append(str(exc))
+            continue
+        files.append(path)
+        latents.append(latent)
+    if not latents:
+        raise InputError(f"{root}: no usable dgaetok latents found" + (f" ({skipped[0]})" if skipped else ""))
+    return files, latents, skipped
+
+
+def encode_images(model: Tokenizer, images: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Posterior means of ``images``, on the CPU."""
     device = next(model.parameters()).device
     zs = []
     with torch.no_grad():
         for a, b in _batches(len(images), batch_size):
             zs.append(model.encode(torch.stack(images[a:b]).to(device)).latent_dist.mode().float().cpu())
-    z = torch.cat(zs)
+    return torch.cat(zs)
+
+
+def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, mean, std): ``make()``'s latents and their per-channel statistics, computed once and stored in
+    ``path``, and reused while ``key`` (the latents' source and the model file) is unchanged. ``labels`` are
+    stored for reference only."""
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("key") == key:
+                return tuple(fh.get_tensor(k) for k in ("latents", "mean", "std"))
+    z = make()
     mean = z.mean(dim=(0, 2, 3))
     std = z.std(dim=(0, 2, 3)).clamp_min(1e-6)
     tensors = {"latents": z, "labels": torch.tensor(labels, dtype=torch.long), "mean": mean, "std": std}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"key": key, "model_hash": model.file_hash})
+        save_file(tensors, str(tmp), metadata={"key": key})
     return z, mean, std
 
 
 # --- DiT checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _resume_settings(cfg: GenConfig) -> str:
-    return json.dumps({k: getattr(cfg, k) for k in RESUME_KEYS}, sort_keys=True)
+def _resume_settings(cfg: GenConfig, source: str) -> str:
+    """The settings a checkpoint depends on, with ``source``: where its latents came from."""
+    return json.dumps({**{k: getattr(cfg, k) for k in RESUME_KEYS}, "latents": source}, sort_keys=True)
 
 
 def save_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, step: int, train_s: float,
-             cfg: GenConfig, mean: torch.Tensor, std: torch.Tensor) -> None:
+             cfg: GenConfig, source: str, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Optimizer state first, weights last (as `train.save_checkpoint`); the latent statistics travel along so that
     the file alone turns DiT samples back into tokenizer latents."""
     with atomic_path(folder / "dit-optimizer.pt") as tmp:
@@ -168,12 +204,13 @@ def save_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, step:
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     tensors |= {"latent_mean": mean, "latent_std": std}
     meta = {"config": dit.config.to_json(), "step": str(step), "train_s": f"{train_s:.3f}",
-            "settings": _resume_settings(cfg)}
+            "settings": _resume_settings(cfg, source)}
     with atomic_path(folder / "dit.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
-def load_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, cfg: GenConfig) -> tuple[int, float]:
+def load_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, cfg: GenConfig, source: str
+             ) -> tuple[int, float]:
     path = folder / "dit.safetensors"
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -182,7 +219,7 @@ def load_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, cfg: 
         state = torch.load(folder / "dit-optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
-    if meta["config"] != dit.config.to_json() or meta["settings"] != _resume_settings(cfg):
+    if meta["config"] != dit.config.to_json() or meta["settings"] != _resume_settings(cfg, source):
         raise InputError(f"{path}: checkpoint was made with other settings ({meta['settings']}); "
                          f"use the same options or another --output")
     step = int(meta["step"])
@@ -286,6 +323,19 @@ def sample_batches(ema: DiT, tokenizer: Tokenizer, cfg: GenConfig, n_classes: in
         yield tokenizer.decode(z, steps=cfg.decode_steps, generator=decode_gen).cpu()
 
 
+def check_eval_settings(path: Path, cfg: GenConfig, have_rows: bool) -> None:
+    """Every row of curve.csv is measured the same way: once rows exist, other evaluation settings are refused."""
+    now = {k: getattr(cfg, k) for k in EVAL_KEYS}
+    if path.is_file() and have_rows:
+        saved = json.loads(path.read_text())
+        changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in EVAL_KEYS if saved.get(k) != now[k]]
+        if changed:
+            raise InputError(f"{path.parent}: curve.csv was measured with other evaluation settings "
+                             f"({', '.join(changed)}); use the same options or another --output")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(now) + "\n")
+
+
 def run_name(model: str) -> str:
     return Path(str(resolve_model(model))).stem
 
@@ -305,6 +355,9 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
         raise InputError(f"--num-samples must be more than {PR_NEIGHBOURS} (k-NN precision and recall)")
     if cfg.steps < 1 or cfg.eval_every < 1:
         raise InputError("--steps and --eval-every must be at least 1")
+    if len(cfg.latents) > len(cfg.tokenizers):
+        raise InputError(f"{len(cfg.latents)} latent folders for {len(cfg.tokenizers)} tokenizers: give at most one "
+                         f"per --tokenizer, in the same order")
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,17 +365,19 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     inception = pretrained.fid_inception(device)
     curve_path = out / "curve.csv"
     rows = read_curve(curve_path)
+    check_eval_settings(out / "eval.json", cfg, bool(rows))
 
     loaded = {}  # resolution -> eval_images(...): tokenizers of one resolution share the decoded crops
-    for name, model_name in zip(names, cfg.tokenizers):
+    latent_dirs = list(cfg.latents) + [None] * (len(cfg.tokenizers) - len(cfg.latents))
+    for name, model_name, latent_dir in zip(names, cfg.tokenizers, latent_dirs):
         tokenizer = load_model(model_name, device)
         res = tokenizer.config.resolution
         if res not in loaded:
             loaded[res] = eval_images(cfg.data, res, cfg.limit)
-        files, images, result.skipped = loaded[res]  # unreadable files: reported
+        files, images, skipped = loaded[res]
+        result.skipped += [m for m in skipped if m not in result.skipped]  # unreadable files: reported
         if len(images) <= PR_NEIGHBOURS:
             raise InputError(f"{cfg.data}: need more than {PR_NEIGHBOURS} readable images, found {len(images)}")
-        labels, classes = image_labels(cfg.data, files, cfg.conditional)
         result.images = len(images)
         key = dataset_key(cfg.data, files, f"rgb-shorter{res}-center{res}-bicubic")
         log(f"{name}: reference features ({len(images)} images at {res} px)")
@@ -330,10 +385,21 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
                                                    cfg.batch_size)
         folder = out / name
         (folder / "samples").mkdir(parents=True, exist_ok=True)
-        log(f"{name}: latents")
+        if latent_dir:  # `dgaetok encode` wrote them: labels from the latent tree, which mirrors the image tree
+            log(f"{name}: latents from {latent_dir}")
+            latent_files, latents, bad = read_latent_folder(tokenizer, latent_dir, cfg.limit)
+            result.skipped += bad
+            labels, classes = image_labels(latent_dir, latent_files, cfg.conditional)
+            source = dataset_key(latent_dir, latent_files, "dgaetok encode")
+            make = lambda: torch.stack(latents)  # noqa: E731
+        else:
+            log(f"{name}: encoding {len(images)} images")
+            labels, classes = image_labels(cfg.data, files, cfg.conditional)
+            source = key
+            make = lambda: encode_images(tokenizer, images, cfg.batch_size)  # noqa: E731
         y = torch.tensor(labels, dtype=torch.long)  # from the file names, whatever the cache holds
-        z, mean, std = encode_latents(tokenizer, images, labels, folder / "latents.safetensors",
-                                         json.dumps({"data": key, "model": tokenizer.file_hash}), cfg.batch_size)
+        z, mean, std = cached_latents(folder / "latents.safetensors",
+                                      json.dumps({"data": source, "model": tokenizer.file_hash}), labels, make)
         zn = (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         try:
             dit_config = DiT_models[cfg.dit](input_size=z.shape[-1], in_channels=z.shape[1],
@@ -346,7 +412,7 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
         opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")
         step, train_s = 0, 0.0
         if (folder / "dit.safetensors").is_file():
-            step, train_s = load_dit(folder, dit, ema, opt, cfg)
+            step, train_s = load_dit(folder, dit, ema, opt, cfg, source)
             log(f"{name}: resumed DiT at step {step}")
         run = TokenizerRun(name, str(resolve_model(model_name)), tokenizer.file_hash, list(z.shape[1:]), cfg.dit,
                            dit.num_params(), classes)
@@ -396,7 +462,7 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
             train_s += time.perf_counter() - start
             final = step >= cfg.steps or train_s >= budget_s
             if step % cfg.eval_every == 0 or final:
-                save_dit(folder, dit, ema, opt, step, train_s, cfg, mean, std)
+                save_dit(folder, dit, ema, opt, step, train_s, cfg, source, mean, std)
                 log(f"{name}: step {step} loss {loss.item():.4f} ({train_s:.0f} s)")
                 if step not in done:
                     evaluate(step)

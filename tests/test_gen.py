@@ -221,3 +221,46 @@ def test_bench_gen_two_tokenizers_side_by_side(tmp_path, labelled, tiny_model_fi
     assert [r["name"] for r in runs] == [tiny_model_file.stem, other.stem] and runs[0]["classes"] == []
     same = bench(labelled, tiny_model_file, tmp_path / "o", "--tokenizer", tiny_model_file)
     assert same.exit_code == 2 and "different names" in same.stderr
+
+
+def test_bench_gen_reads_encode_folders(tmp_path, labelled, tiny_model_file):
+    """Latents from `dgaetok encode` train the DiT as the on-the-fly ones do: labels from the latent tree, bad or
+    foreign files reported and skipped; a rerun with other evaluation settings is refused."""
+    from conftest import save_tiny_model
+    from dgaetok.files import read_latent
+
+    latents = tmp_path / "latents"
+    encoded = runner.invoke(app, ["encode", str(labelled), "-o", str(latents), "--model", str(tiny_model_file),
+                                  "--device", "cpu"])
+    assert encoded.exit_code == 0, encoded.output
+    (latents / "urban100" / "broken.safetensors").write_bytes(b"not a latent")
+    foreign = tmp_path / "foreign"
+    assert runner.invoke(app, ["encode", str(labelled / "urban100"), "-o", str(foreign), "--model",
+                               str(save_tiny_model(tmp_path, seed=1)), "--device", "cpu"]).exit_code == 0
+    shutil.copy(sorted(foreign.glob("*.safetensors"))[0], latents / "sun_hays80" / "foreign.safetensors")
+
+    out = tmp_path / "gen"
+    result = bench(labelled, tiny_model_file, out, "--steps", "2", "--latents", latents)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "gen.json").read_text())
+    assert [Path(m.split(": ")[0]).name for m in report["skipped"]] == ["foreign.safetensors", "broken.safetensors"]
+    assert "made by model" in report["skipped"][0] and "skipped:" in result.stderr
+    name = tiny_model_file.stem
+    run = report["runs"][0]
+    assert run["classes"] == ["sun_hays80", "urban100"] and run["steps"] == 2
+    with safe_open(str(out / name / "latents.safetensors"), framework="pt") as fh:
+        cached, labels = fh.get_tensor("latents"), fh.get_tensor("labels")
+    files = sorted(p for p in latents.rglob("*.safetensors") if p.stem not in ("broken", "foreign"))
+    assert torch.equal(cached, torch.stack([read_latent(p)[0] for p in files]))
+    assert labels.tolist() == [0] * 4 + [1] * 4
+
+    # the same latents encoded on the fly: the same cache contents
+    fly = tmp_path / "fly"
+    assert bench(labelled, tiny_model_file, fly, "--steps", "2").exit_code == 0
+    with safe_open(str(fly / name / "latents.safetensors"), framework="pt") as fh:
+        assert torch.allclose(fh.get_tensor("latents"), cached, atol=1e-5, rtol=1e-5)
+
+    changed = bench(labelled, tiny_model_file, out, "--steps", "4", "--latents", latents, "--decode-steps", "3")
+    assert changed.exit_code == 2 and "other evaluation settings (decode_steps 2 -> 3)" in changed.stderr
+    swapped = bench(labelled, tiny_model_file, out, "--steps", "4")  # same DiT folder, latents from elsewhere
+    assert swapped.exit_code == 2 and "other settings" in swapped.stderr
