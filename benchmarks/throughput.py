@@ -9,7 +9,9 @@ One run measures, on one device and in one process:
   square products; every line's MFU is its achieved FLOP/s over this number;
 - per preset: images/s of `encode`, of `decode` at each --steps (Euler, the CLI's default), and of one training
   step (DGAE loss with LPIPS-VGG, backward, clip, AdamW, EMA: what `dgaetok train` does per step);
-- the peer: the SD-VAE decoder of the same latent size (LDM's ch 128), one pass per image.
+- the peer: the SD-VAE decoder of the same latent size (LDM's ch 128), one pass per image;
+- with --compile MODE, the encode, decode and training rows again with the networks compiled in place
+  (`Tokenizer.compile_networks`, what the CLI's --compile does), so each change is measured in the same run.
 
 FLOPs per image come from `torch.utils.flop_counter` (2 per multiply-add; matmuls, convolutions and attention),
 counted on the model itself, so MFU is over the work the network really does. The table is printed last; the
@@ -27,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dgaetok.losses import DGAELoss, perceptual_net
-from dgaetok.models import MODELS, DGAEConfig, autocast, build_model, load_model
+from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, autocast, build_model, load_model
 from dgaetok.train import TrainConfig, make_optimizer, update_ema
 
 
@@ -91,13 +93,22 @@ def bench_model(config: DGAEConfig, args, device: torch.device, peak: float) -> 
         enc_flops = count_flops(lambda: enc(x[one]))
         # decode FLOPs are linear in the steps: the latent's conditioning once, then one U-Net pass per step
         first, second = (count_flops(lambda k=k: dec(z[one], noise[one], k)) for k in (1, 2))
-        model = laid_out(model)
-        rows = [row("encode", args.batch, enc_flops, seconds_per_call(lambda: enc(x), device, args.min_time))]
-        for steps in args.steps:
-            rows.append(row("decode", args.batch, (2 * first - second) + steps * (second - first),
-                            seconds_per_call(lambda: dec(z, noise, steps), device, args.min_time), steps))
-    if args.train_batch:
-        rows.append(train_row(model, config, args, device, row))
+    rows, train_flops = [], None
+    # eager first, then the same model compiled in place (what `--compile` does in the CLI): before and after
+    for mode in [None] + ([args.compile] if args.compile else []):
+        tag = f" (compiled: {mode})" if mode else ""
+        if mode:
+            model.compile_networks(mode)
+        model = laid_out(model).eval()
+        with torch.no_grad():
+            rows.append(row("encode" + tag, args.batch, enc_flops,
+                            seconds_per_call(lambda: enc(x), device, args.min_time)))
+            for steps in args.steps:
+                rows.append(row("decode" + tag, args.batch, (2 * first - second) + steps * (second - first),
+                                seconds_per_call(lambda: dec(z, noise, steps), device, args.min_time), steps))
+        if args.train_batch:
+            rows.append(train_row(model, config, args, device, row, tag, train_flops))
+            train_flops = rows[-1]["gflop_per_img"] * 1e9  # counted eagerly: compiled kernels escape the counter
     del model
 
     peer = build_model(DGAEConfig(arch="sdvae", preset="sdvae", resolution=res, downsample=f, latent_channels=c))
@@ -110,7 +121,8 @@ def bench_model(config: DGAEConfig, args, device: torch.device, peak: float) -> 
     return rows
 
 
-def train_row(model, config: DGAEConfig, args, device: torch.device, row) -> dict:
+def train_row(model, config: DGAEConfig, args, device: torch.device, row, tag: str = "",
+              flops: float | None = None) -> dict:
     """One `dgaetok train` step at --train-batch: loss (velocity + KL + LPIPS-VGG), backward, clip, AdamW, EMA."""
     cfg = TrainConfig(lpips_pretrained=False)  # a random LPIPS trunk costs the same FLOPs, and needs no weights
     model = model.to(memory_format=torch.contiguous_format).train()
@@ -133,8 +145,9 @@ def train_row(model, config: DGAEConfig, args, device: torch.device, row) -> dic
         opt.step()
         update_ema(ema, model, cfg.ema_decay)
 
-    flops = count_flops(lambda: forward_backward(x[:1]))
-    return row("train step", args.train_batch, flops, seconds_per_call(step, device, args.min_time))
+    if flops is None:
+        flops = count_flops(lambda: forward_backward(x[:1]))
+    return row("train step" + tag, args.train_batch, flops, seconds_per_call(step, device, args.min_time))
 
 
 def main() -> None:
@@ -149,6 +162,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 25, 50])
     parser.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
                         help="weights' layout for encode/decode (channels_last: what load_model gives)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, help="also time the model compiled in this mode "
+                        "(encode, decode, train step), after the eager rows")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds timed per line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/throughput.json")

@@ -73,10 +73,14 @@ def run_job(job, items, verb: str) -> None:
         raise typer.Exit(1)
 
 
-def load(model: Optional[str], device: torch.device):
+def load(model: Optional[str], device: torch.device, compile: Optional[str] = None):
     from .models import load_model
 
-    return load_model(model, device)
+    return load_model(model, device, compile)
+
+
+COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA graphs) or max-autotune. "
+                "Compiling takes a minute or more; it pays on long jobs.")
 
 
 def note_single_step(model) -> None:
@@ -99,6 +103,7 @@ def encode(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
     workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by path)."),
+    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
     """Encode images to latents, one .safetensors file per image."""
     from .files import prepare_output_dir
@@ -106,7 +111,7 @@ def encode(
 
     dev = pick_device(device)
     job = encode_job(src, output, limit)
-    m = load(model, dev)  # before the output folder exists, so a bad --model leaves nothing behind
+    m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
     prepare_output_dir(output)
     items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers)
     run_job(job, items, "encode")
@@ -125,6 +130,7 @@ def decode(
     batch_size: int = typer.Option(16, min=1),
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: Optional[str] = typer.Option(None),
+    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
     """Decode latents back to PNG images with the diffusion decoder."""
     from .files import prepare_output_dir
@@ -135,7 +141,7 @@ def decode(
         raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
     dev = pick_device(device)
     job = decode_job(src, output)
-    m = load(model, dev)  # before the output folder exists, so a bad --model leaves nothing behind
+    m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
     note_single_step(m)
     prepare_output_dir(output)
     items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite)
@@ -220,6 +226,7 @@ def train(
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None),
+    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
@@ -234,7 +241,7 @@ def train(
         arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
-        workers=workers, seed=seed, resume=resume, device=device,
+        workers=workers, seed=seed, resume=resume, device=device, compile=compile,
     )
     try:
         run_training(cfg)
@@ -289,6 +296,7 @@ def bench_rfid(
     resolution: int = typer.Option(256),
     output: Path = typer.Option(Path("bench"), "-o", "--output", help="Folder for rfid.json and the grid PNG."),
     device: Optional[str] = typer.Option(None),
+    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
     """rFID, PSNR, SSIM and LPIPS of reconstructions, at each --steps, with images/s."""
     from .bench import rfid, write_json
@@ -296,7 +304,7 @@ def bench_rfid(
     from .models import resolve_model
 
     dev = pick_device(device)
-    m = load(model, dev)
+    m = load(model, dev, compile)
     note_single_step(m)
     prepare_output_dir(output)
     n_images = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))  # for the bar; unreadable ones drop

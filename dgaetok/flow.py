@@ -52,14 +52,19 @@ def sample(velocity: Velocity, noise: torch.Tensor, steps: int, sampler: str = "
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    grid = time_grid(steps, shift, noise.device)
+    grid = time_grid(steps, shift).tolist()  # host floats: no device sync per step, nothing for CUDA graphs to track
     x = noise
-    ones = torch.ones(noise.shape[0], device=noise.device)
+    n = noise.shape[0]
+
+    def v(x: torch.Tensor, t: float) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new replay of a compiled, CUDA-graphed network
+        return velocity(x, noise.new_full((n,), t))
+
     for t, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t
-        d = velocity(x, ones * t)
+        d = v(x, t)
         x_next = x + dt * d
         if sampler == "heun" and t_next > 0:
-            x_next = x + dt * 0.5 * (d + velocity(x_next, ones * t_next))
+            x_next = x + dt * 0.5 * (d + v(x_next, t_next))
         x = x_next
     return x

@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
+    compile: str | None = None  # a models.COMPILE_MODES mode: torch.compile the encoder and decoder (None: eager)
 
     def model_config(self):
         if self.arch is not None and self.arch not in ARCHS:
@@ -253,6 +254,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     model = build_model(cfg.model_config()).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
+        model.compile_networks(cfg.compile)
     opts = {"optimizer": make_optimizer(model, cfg)}
     opt = opts["optimizer"]
     gan = model.config.arch == "sdvae"

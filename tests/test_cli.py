@@ -510,7 +510,7 @@ def test_non_model_safetensors_as_model(tmp_path, album, encoded):
                       str(latent), "not a dgaetok model file")
 
 
-def test_unknown_sampler_and_device(tmp_path, encoded, tiny_model_file):
+def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file):
     out = tmp_path / "out"
     assert_user_error(cli("decode", encoded, "-o", out, "--sampler", "rk4", *model_args(tiny_model_file)),
                       "--sampler rk4", "euler, heun")
@@ -523,6 +523,10 @@ def test_unknown_sampler_and_device(tmp_path, encoded, tiny_model_file):
     assert not out.exists()
     result = cli("decode", encoded, "-o", out, "--steps", 0, *model_args(tiny_model_file))
     assert result.exit_code == 2 and "--steps" in result.output  # click's own range check
+    for command, src in (("encode", album), ("decode", encoded)):
+        assert_user_error(cli(command, src, "-o", out, "--compile", "fast", *model_args(tiny_model_file)),
+                          "unknown compile mode 'fast'", "reduce-overhead")
+    assert not out.exists()
 
 
 def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_file):
