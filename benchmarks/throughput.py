@@ -28,14 +28,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dgaetok.bench import synchronize
 from dgaetok.losses import DGAELoss, perceptual_net
 from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, autocast, build_model, load_model
 from dgaetok.train import TrainConfig, make_optimizer, update_ema
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds_per_call(fn, device: torch.device, min_time: float, warmup: int = 2) -> float:
@@ -109,7 +105,7 @@ def bench_model(config: DGAEConfig, args, device: torch.device, peak: float) -> 
         if args.train_batch:
             rows.append(train_row(model, config, args, device, row, tag, train_flops))
             train_flops = rows[-1]["gflop_per_img"] * 1e9  # counted eagerly: compiled kernels escape the counter
-    del model
+    model = None  # frees its memory before the peer is built
 
     peer = build_model(DGAEConfig(arch="sdvae", preset="sdvae", resolution=res, downsample=f, latent_channels=c))
     peer = peer.to(device).eval()

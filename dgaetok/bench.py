@@ -64,12 +64,13 @@ def eval_images(data: str | Path, resolution: int, limit: int | None) -> tuple[l
     return paths, images, skipped
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def batch_ranges(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive batches of ``size`` over ``n`` items."""
+    return ((i, min(n, i + size)) for i in range(0, n, size))
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock timings cover the work queued on it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -104,19 +105,20 @@ def rfid(
     key = dataset_key(data, paths, f"rgb-shorter{resolution}-center{resolution}-bicubic")
 
     def original_features():
-        return torch.cat([inception_features(metrics.inception, to_uint8(torch.stack(b)))
-                          for b in _batches(images, batch_size)])
+        return torch.cat([inception_features(metrics.inception, to_uint8(torch.stack(images[a:b])))
+                          for a, b in batch_ranges(len(images), batch_size)])
 
     metrics.reference = reference_stats(key, original_features)
 
     latents, encode_s = [], 0.0
-    for batch in _batches(images, batch_size):
+    batches = [images[a:b] for a, b in batch_ranges(len(images), batch_size)]
+    for batch in batches:
         x = torch.stack(batch).to(device)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
             latents.append(model.encode(x).latent_dist.mode())
-        _sync(device)
+        synchronize(device)
         encode_s += time.perf_counter() - start
 
     noise = torch.randn((1, 3, resolution, resolution), generator=torch.Generator().manual_seed(seed))
@@ -124,12 +126,12 @@ def rfid(
     for n_steps in steps:
         metrics.reset()
         decode_s, recon_for_grid = 0.0, []
-        for z, batch in zip(latents, _batches(images, batch_size)):
-            _sync(device)
+        for z, batch in zip(latents, batches):
+            synchronize(device)
             start = time.perf_counter()
             recon = model.decode(z, steps=n_steps, sampler=sampler, shift=shift,
                                  noise=noise.expand(len(z), -1, -1, -1))
-            _sync(device)
+            synchronize(device)
             decode_s += time.perf_counter() - start
             metrics.update(to_uint8(torch.stack(batch)), to_uint8(recon))
             if len(recon_for_grid) * batch_size < grid_count:

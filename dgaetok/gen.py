@@ -34,12 +34,12 @@ from safetensors.torch import save_file
 from . import __version__, flow
 from .dit import DiT, DiT_models
 from .errors import InputError
-from .bench import eval_images
+from .bench import batch_ranges, eval_images
 from .files import atomic_path, find_files, read_latent, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, autocast, load_model, resolve_model
 from .pipeline import check_latent
-from .train import ema_decay_at, update_ema
+from .train import ema_decay_at, load_prefixed, update_ema
 
 CURVE_FIELDS = ("tokenizer", "step", "train_s", "samples", "fid", "sfid", "precision", "recall")
 # Settings a checkpoint depends on: changing them between runs would silently mix two experiments.
@@ -110,10 +110,6 @@ def image_labels(data: str | Path, paths: list[Path], conditional: bool) -> tupl
     return [classes.index(t) for t in tops], classes
 
 
-def _batches(n: int, size: int):
-    return ((i, min(n, i + size)) for i in range(0, n, size))
-
-
 def _load_npz(path: Path, key: str) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
@@ -126,7 +122,8 @@ def reference_features(inception, images: list[torch.Tensor], path: Path, key: s
     """Pool3 and sFID features of the reference images, from ``path`` when it was made for the same ``key``."""
     if (cached := _load_npz(path, key)) is not None:
         return cached["pool"], cached["spatial"]
-    feats = [gen_features(inception, to_uint8(torch.stack(images[a:b]))) for a, b in _batches(len(images), batch_size)]
+    feats = [gen_features(inception, to_uint8(torch.stack(images[a:b])))
+             for a, b in batch_ranges(len(images), batch_size)]
     pool, spatial = (torch.cat(f).numpy() for f in zip(*feats))
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, pool=pool, spatial=spatial, key=np.array(key))
@@ -163,7 +160,7 @@ def encode_images(model: Tokenizer, images: list[torch.Tensor], batch_size: int)
     device = next(model.parameters()).device
     zs = []
     with torch.no_grad():
-        for a, b in _batches(len(images), batch_size):
+        for a, b in batch_ranges(len(images), batch_size):
             zs.append(model.encode(torch.stack(images[a:b]).to(device)).latent_dist.mode().float().cpu())
     return torch.cat(zs)
 
@@ -225,8 +222,7 @@ def load_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, cfg: 
     step = int(meta["step"])
     if state["step"] != step:
         raise InputError(f"{path}: optimizer state is at step {state['step']}, weights at {step}; cannot resume")
-    for prefix, module in (("model.", dit), ("ema.", ema)):
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    load_prefixed(tensors, {"model.": dit, "ema.": ema})
     opt.load_state_dict(state["optimizer"])
     return step, float(meta["train_s"])
 
@@ -314,7 +310,7 @@ def sample_batches(ema: DiT, tokenizer: Tokenizer, cfg: GenConfig, n_classes: in
     noise = torch.randn((cfg.num_samples, c.in_channels, c.input_size, c.input_size), generator=gen)
     labels = torch.arange(cfg.num_samples) % n_classes if n_classes else None
     shape = (-1, 1, 1)
-    for a, b in _batches(cfg.num_samples, cfg.batch_size):
+    for a, b in batch_ranges(cfg.num_samples, cfg.batch_size):
         y = labels[a:b].to(device) if labels is not None else None
         with autocast(device):
             z = ema.sample(noise[a:b].to(device), y, cfg.sample_steps, cfg.cfg).float()

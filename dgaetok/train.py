@@ -191,14 +191,19 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     if changed:
         raise InputError(f"{path}: cannot resume exactly with changed settings ({', '.join(changed)})")
-    for prefix, module in (("model.", model), ("ema.", ema), ("disc.", disc)):
-        if module is not None:
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    load_prefixed(tensors, {"model.": model, "ema.": ema, "disc.": disc})
     if state["step"] != step:
         raise InputError(f"{out}: optimizer.pt is at step {state['step']}, checkpoint at {step}; cannot resume")
     for name, o in opts.items():
         o.load_state_dict(state[name])
     return step
+
+
+def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module | None]) -> None:
+    """Load each module from the checkpoint tensors under its prefix ("model.", "ema.", ...); None: skipped."""
+    for prefix, module in modules.items():
+        if module is not None:
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 @torch.no_grad()
