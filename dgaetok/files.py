@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     "skip files that already exist" a safe way to resume.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.p{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # the pid: see remove_stale_temps
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # writers like safetensors create 0600 files; give outputs normal modes
@@ -54,8 +55,34 @@ def find_files(root: str | os.PathLike, suffixes: set[str]) -> list[Path]:
     )
 
 
+_TEMP_NAME = re.compile(r"^\..+\.p(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of `atomic_path` under ``root`` whose writing process is gone (a run killed
+    with SIGKILL or by a power cut cannot clean up after itself); those of live processes are left alone."""
+    removed = []
+    for path in Path(root).rglob(".*.tmp"):
+        match = _TEMP_NAME.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def prepare_output_dir(path: str | os.PathLike) -> Path:
-    """Create the output folder and prove it is writable before any work is done."""
+    """Create the output folder and prove it is writable before any work is done; clear what killed runs left
+    (`remove_stale_temps`)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: output path is a file, not a folder")
@@ -64,6 +91,7 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
         probe = path / f".dgaetok-write-test-{uuid.uuid4().hex[:8]}"
         probe.touch()
         probe.unlink()
+        remove_stale_temps(path)
     except OSError as exc:
         raise InputError(f"{path}: output folder is not writable ({exc.strerror or exc})") from None
     return path

@@ -375,9 +375,23 @@ def test_encode_killed_by_sigkill_then_resumed(tmp_path, album, tiny_model_file)
     assert result.exit_code == 0, result.output
     written, skipped, failed = summary(result)
     assert (skipped, failed) == (written_before, 0) and written + skipped == 12
+    assert leftovers(out) == []  # a temp file the killed run was writing is gone too
     reference = tmp_path / "reference"
     cli("encode", src, "-o", reference, *model_args(tiny_model_file))
     assert_same_latents(out, reference)
+
+
+def test_temp_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, album, tiny_model_file):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = out / "sub" / f".a.safetensors.p{int(gone.stdout)}-0123abcd.tmp"
+    live = out / f".b.safetensors.p{os.getpid()}-0123abcd.tmp"  # a concurrent writer: not ours to remove
+    other = out / ".notes.tmp"  # not an atomic_path name
+    for path in (dead, live, other):
+        path.write_bytes(b"half a file")
+    assert cli("encode", album, "-o", out, *model_args(tiny_model_file)).exit_code == 0
+    assert not dead.exists() and live.exists() and other.exists()
 
 
 def test_encode_outputs_that_collide(tmp_path, tiny_model_file):
