@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import sys
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="DGAE image tokenizers: encode images to latents, decode them back, train, benchmark.")
 console = Console(stderr=True)
 out = Console()
+
+
+@app.callback()
+def _quiet_warnings() -> None:
+    # PIL warns about files it decodes fine (palette transparency, odd EXIF): noise in a batch of thousands.
+    # Any other warning prints as one line, like the rest of the CLI's messages.
+    warnings.filterwarnings("ignore", module="PIL")
+    warnings.showwarning = lambda message, category, *args, **kwargs: console.print(
+        f"warning: {escape(str(message))}", highlight=False)
 
 
 def user_errors(fn):

@@ -381,6 +381,20 @@ def test_encode_killed_by_sigkill_then_resumed(tmp_path, album, tiny_model_file)
     assert_same_latents(out, reference)
 
 
+def test_pil_warnings_do_not_reach_the_terminal(tmp_path, tiny_model_file):
+    """A palette PNG with byte transparency makes PIL warn on conversion; it decodes fine, so nothing is printed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    palette = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).convert("P")
+    palette.save(src / "palette.png", transparency=bytes(range(256)))
+    cmd = [sys.executable, "-m", "dgaetok.cli", "encode", str(src), "-o", str(tmp_path / "out"),
+           *map(str, model_args(tiny_model_file))]
+    result = subprocess.run(cmd, capture_output=True, text=True)  # a real process: pytest would catch warnings
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "palette.safetensors").is_file()
+    assert "Warning" not in result.stderr and "warnings.warn" not in result.stderr, result.stderr
+
+
 def test_temp_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, album, tiny_model_file):
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
