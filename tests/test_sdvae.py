@@ -134,7 +134,8 @@ def test_collapse_watch():
     healthy = {"step": 1, "d_loss": 0.9, "logits_real": 0.3, "logits_fake": -0.2}
     assert watch.update({"step": 1, "loss": 1.0}) is None  # GAN not on yet
     assert watch.update(healthy) is None and watch.streak == 0
-    assert watch.update({**healthy, "d_loss": 0.0}) is None and watch.streak == 1
+    assert watch.update({**healthy, "d_loss": 0.0}) is None and watch.streak == 0  # D wins: not a collapse
+    assert watch.update({**healthy, "d_loss": 1.97}) is None and watch.streak == 1  # D fooled outright
     assert watch.update(healthy) is None and watch.streak == 0
     assert watch.update({**healthy, "logits_real": 12.0}) is None
     assert "collapsed" in watch.update({**healthy, "step": 9, "d_loss": 2.0})
