@@ -83,7 +83,8 @@ def train_config(scale: Scale, family: str, channels: int, steps: int, data: str
     preset = getattr(scale, family)
     return TrainConfig(
         data=data, out=str(out), preset=preset, resolution=scale.resolution, downsample=16, latent_channels=channels,
-        crop=scale.crop, batch_size=scale.batch_size, steps=steps, lr=scale.lr, warmup=max(1, int(steps * scale.warmup_fraction)),
+        crop=scale.crop, batch_size=scale.batch_size, steps=steps, lr=scale.lr,
+        warmup=max(1, int(steps * scale.warmup_fraction)),
         lpips_weight=1.0, lpips_net=scale.lpips_net, disc_start=int(steps * scale.disc_fraction),
         log_every=max(1, min(50, steps // 20)), ckpt_every=max(1, steps // 10), sample_every=max(1, steps // 4),
         sample_steps=max(scale.eval_steps), sample_count=4, workers=scale.workers, seed=seed, resume=True, device=None,
@@ -239,12 +240,13 @@ def table(out: Path, plan: dict, channels: list[int], scale: Scale) -> tuple[str
              f"time the training took, which includes checkpoints, grids and anything else the device ran.", "",
              "| latent | model | decoder params | train steps | budget min | wall min | decode steps | rFID | PSNR | "
              "SSIM | LPIPS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    side = scale.resolution // 16
     for r in rows:
-        name = f"{'SD-VAE' if r['family'] == 'sdvae' else 'DGAE'} ({r['preset']})" + (" diverged" if r["diverged"] else "")
-        side = scale.resolution // 16
+        name = f"{'SD-VAE' if r['family'] == 'sdvae' else 'DGAE'} ({r['preset']})"
+        name += " diverged" if r["diverged"] else ""
         lines.append(f"| {r['latent']} ({side}x{side}x{r['channels']}) | {name} | {r['decoder_params'] / 1e6:.2f}M | "
-                     f"{r['train_steps']} | {r['budget_minutes']:.1f} | {r['train_minutes']:.1f} | {r['steps']} | {r['rfid']:.1f} | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['lpips']:.3f} |")
+                     f"{r['train_steps']} | {r['budget_minutes']:.1f} | {r['train_minutes']:.1f} | {r['steps']} | "
+                     f"{r['rfid']:.1f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lpips']:.3f} |")
     return "\n".join(lines) + "\n", rows
 
 

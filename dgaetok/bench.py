@@ -104,14 +104,14 @@ def rfid(
     metrics = ReconMetrics(device, lpips_net=lpips_net, rfid=True)
     key = dataset_key(data, paths, f"rgb-shorter{resolution}-center{resolution}-bicubic")
 
+    batches = [images[a:b] for a, b in batch_ranges(len(images), batch_size)]
+
     def original_features():
-        return torch.cat([inception_features(metrics.inception, to_uint8(torch.stack(images[a:b])))
-                          for a, b in batch_ranges(len(images), batch_size)])
+        return torch.cat([inception_features(metrics.inception, to_uint8(torch.stack(b))) for b in batches])
 
     metrics.reference = reference_stats(key, original_features)
 
     latents, encode_s = [], 0.0
-    batches = [images[a:b] for a, b in batch_ranges(len(images), batch_size)]
     for batch in batches:
         x = torch.stack(batch).to(device)
         synchronize(device)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import functools
-import warnings
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 

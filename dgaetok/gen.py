@@ -1,10 +1,10 @@
 """`dgaetok bench gen`: how well a DiT learns on each tokenizer's latents (the paper's Table 3 and Fig. 7).
 
 Per tokenizer: encode DATA once (posterior mean, center crop at the tokenizer's resolution), or read the latents
-`dgaetok encode` wrote for it (``latents``), normalise them by per-channel mean and std computed once over them, train a DiT with the flow-matching objective of `flow` (the
-decoder's), and at every ``eval_every`` steps sample ``num_samples`` latents from the EMA DiT with fixed seeds,
-decode them with the tokenizer and score them against DATA's images: gFID, sFID, precision, recall
-(`metrics.gen_metrics`). Labels are DATA's first-level folder names (ImageFolder layout); with fewer than two
+`dgaetok encode` wrote for it (``latents``), normalise them by per-channel mean and std computed once over them,
+train a DiT with the flow-matching objective of `flow` (the decoder's), and at every ``eval_every`` steps sample
+``num_samples`` latents from the EMA DiT with fixed seeds, decode them with the tokenizer and score them against
+DATA's images: gFID, sFID, precision, recall (`metrics.gen_metrics`). Labels are DATA's first-level folder names (ImageFolder layout); with fewer than two
 such folders, or images directly in DATA, the DiT is unconditional.
 
 Files in ``out``: ``reference-<res>.npz`` (the reference images' features), per tokenizer ``<name>/latents.safetensors``
