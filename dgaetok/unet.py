@@ -69,7 +69,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (b, heads, hw, d)
+        # contiguous (b, heads, hw, d): only then does the CPU take the fused kernel, which never holds the
+        # (hw x hw) score matrix (at 2048 px the math path's would be 34 GB in dgae-s) and runs 3-4x faster
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 

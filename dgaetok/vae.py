@@ -45,7 +45,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)
+        # contiguous, so that the CPU too takes the fused kernel (see unet.AttentionBlock)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).contiguous().unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
