@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from . import flow
 from .errors import InputError
 from .files import atomic_path
+from .tiling import TileGrid, check_tiling
 from .unet import UNet
 from .vae import Decoder, DiagonalGaussian, Encoder, ch_mult_for
 
@@ -94,7 +96,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 class Tokenizer(nn.Module):
     """What both families share: the config, the SD-VAE encoder, ``encode`` and the parameter counts.
 
-    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator)``.
+    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator, tile, overlap, chunk)``.
     """
 
     single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
@@ -110,10 +112,29 @@ class Tokenizer(nn.Module):
         c = self.config
         return c.latent_channels, c.enc_channels, c.enc_ch_mult, c.enc_res_blocks, c.dropout
 
-    def encode(self, x: torch.Tensor) -> EncoderOutput:
-        """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32; the encoder runs in bf16 on CUDA)."""
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (f; DGAE also needs its U-Net's own downsampling)."""
+        return self.config.downsample
+
+    def encode(self, x: torch.Tensor, tile: int | None = None, overlap: int = 32, chunk: int = 8) -> EncoderOutput:
+        """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32; the encoder runs in bf16 on CUDA).
+
+        ``tile`` (pixels, a multiple of f) encodes overlapping tiles, ``chunk`` at a time, and blends their
+        moments over ``overlap`` pixels (see `dgaetok.tiling`): memory follows the tile, not the image. The
+        latent then differs from the whole image's where the encoder's GroupNorm statistics and mid-block
+        attention, computed per tile, differ from the whole image's, and near tile edges.
+        """
         with autocast(x.device):
-            moments = self.encoder(x)
+            if tile is None:
+                moments = self.encoder(x)
+            else:
+                f = self.config.downsample
+                check_tiling(tile, overlap, f)
+                grid = TileGrid(x.shape[2] // f, x.shape[3] // f, tile // f, overlap // f)
+                moments = x.new_empty(x.shape[0], 2 * self.config.latent_channels, grid.height, grid.width,
+                                      dtype=torch.float32)
+                grid.blend(lambda boxes: self.encoder(grid.tiles(x, boxes, scale=f)).float(), moments, chunk)
         return EncoderOutput(DiagonalGaussian(moments.contiguous()))  # NCHW whatever the weights' layout
 
     def compile_networks(self, mode: str = "default") -> "Tokenizer":
@@ -137,7 +158,7 @@ class Tokenizer(nn.Module):
 
 
 class DGAE(Tokenizer):
-    """Diffusion-Guided Autoencoder. Images are (B, 3, H, W) in [-1, 1] with H, W multiples of ``downsample``."""
+    """Diffusion-Guided Autoencoder. Images are (B, 3, H, W) in [-1, 1] with H, W multiples of `size_multiple`."""
 
     def __init__(self, config: DGAEConfig):
         super().__init__(config)
@@ -153,9 +174,34 @@ class DGAE(Tokenizer):
             dropout=config.dropout,
         )
 
+    @property
+    def size_multiple(self) -> int:
+        return math.lcm(self.config.downsample, 2 ** (len(self.config.unet_ch_mult) - 1))
+
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest-upsample the latent to pixel size and project it with the decoder's first conv."""
         return self.decoder.condition(F.interpolate(z, scale_factor=float(self.config.downsample), mode="nearest"))
+
+    def tiled_velocity(self, z: torch.Tensor, tile: int, overlap: int, chunk: int = 8) -> flow.Velocity:
+        """The velocity of the whole image, from the U-Net run on overlapping tiles and blended (`dgaetok.tiling`).
+
+        Tile positions are multiples of `size_multiple`, so each tile's latent is an exact slice. Its condition
+        features come from that slice plus a one-latent-pixel halo (zeros beyond the image, as the whole image's
+        padding), so they equal the whole image's features under the tile; only the U-Net's own receptive
+        field is cut at tile edges.
+        """
+        f = self.config.downsample
+        grid = TileGrid(z.shape[2] * f, z.shape[3] * f, tile, overlap, self.size_multiple)
+        z_halo = F.pad(z, (1, 1, 1, 1))
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            def tiles(boxes):
+                cond = self.condition(grid.tiles(z_halo, boxes, scale=1 / f, halo=1))[..., f:-f, f:-f]
+                return self.decoder(grid.tiles(x, boxes), t.repeat(len(boxes)), cond).float()
+
+            return grid.blend(tiles, torch.empty_like(x), chunk)
+
+        return velocity
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(x_t, t, self.condition(z.to(x_t.dtype)))
@@ -181,11 +227,17 @@ class DGAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        tile: int | None = None,
+        overlap: int = 32,
+        chunk: int = 8,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] by integrating the flow ODE from noise.
 
         ``noise`` fixes the starting point; otherwise it is drawn with ``generator`` (on the generator's device,
-        then moved, so a CPU generator gives the same noise whatever device decodes).
+        then moved, so a CPU generator gives the same noise whatever device decodes). ``tile`` (pixels, a
+        multiple of `size_multiple`) runs the U-Net on overlapping tiles, ``chunk`` at a time, and blends their
+        velocities over ``overlap`` pixels at every step (`tiled_velocity`); the noise is still one draw for
+        the whole image, so a seed and a tile size give one image.
         """
         f = self.config.downsample
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
@@ -194,10 +246,13 @@ class DGAE(Tokenizer):
             noise = torch.randn(shape, generator=generator, device=gen_device)
         noise = noise.to(z.device, torch.float32)
         with autocast(z.device):
-            cond = self.condition(z.float())
-            # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
-            x = flow.sample(lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True), noise, steps,
-                            sampler, shift)
+            if tile is None:
+                cond = self.condition(z.float())
+                # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
+                velocity = lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True)  # noqa: E731
+            else:
+                velocity = self.tiled_velocity(z.float(), tile, overlap, chunk)
+            x = flow.sample(velocity, noise, steps, sampler, shift)
         return x.clamp(-1, 1).contiguous()
 
 
@@ -226,11 +281,25 @@ class SDVAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        tile: int | None = None,
+        overlap: int = 32,
+        chunk: int = 8,
     ) -> torch.Tensor:
-        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the other arguments exist so
-        that SD-VAE and DGAE are called the same way, and are ignored."""
+        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the diffusion arguments exist
+        so that SD-VAE and DGAE are called the same way, and are ignored.
+
+        ``tile`` (pixels, a multiple of f) decodes overlapping latent tiles, ``chunk`` at a time, and blends the
+        decoded tiles once over ``overlap`` pixels, as diffusers' ``enable_tiling`` (`dgaetok.tiling`).
+        """
+        z = z.float()
         with autocast(z.device):
-            x = self.decoder(z.float()).float()
+            if tile is None:
+                x = self.decoder(z).float()
+            else:
+                f = self.config.downsample
+                grid = TileGrid(z.shape[2] * f, z.shape[3] * f, tile, overlap, f)
+                x = grid.blend(lambda boxes: self.decoder(grid.tiles(z, boxes, scale=1 / f)).float(),
+                               z.new_empty(z.shape[0], 3, grid.height, grid.width), chunk)
         return x.clamp(-1, 1).contiguous()
 
 
