@@ -119,11 +119,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 @dataclass(frozen=True)
 class Crop:
-    """Where a model input came from: source size, the resized size, and the crop box in resized pixels."""
+    """Where a model input came from: source size, the resized size, the crop box in resized pixels, and the
+    padding (left, top, right, bottom) added around that box to reach a size the model takes."""
 
     source_size: tuple[int, int]
     resized_size: tuple[int, int]
     box: tuple[int, int, int, int]  # left, top, right, bottom
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -136,18 +138,38 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
 def center_crop(img: Image.Image, resolution: int, multiple: int, keep_size: bool = False) -> tuple[Image.Image, Crop]:
     """The evaluation protocol: shorter side to ``resolution`` (up- or downscaling), then a centered square crop.
 
-    With ``keep_size`` the image is used whole, which requires both sides to be multiples of ``multiple``.
+    With ``keep_size`` the image is used whole, padded to multiples of ``multiple`` (`pad_to_multiple`).
     """
     if keep_size:
-        w, h = img.size
-        if w % multiple or h % multiple:
-            raise ValueError(f"size {w}x{h} is not a multiple of {multiple} (drop --keep-size to crop)")
-        return img, Crop((w, h), (w, h), (0, 0, w, h))
+        return pad_to_multiple(img, multiple)
     resized = resize_shorter_side(img, resolution)
     w, h = resized.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     box = (left, top, left + resolution, top + resolution)
     return resized.crop(box), Crop(img.size, (w, h), box)
+
+
+def pad_to_multiple(img: Image.Image, multiple: int) -> tuple[Image.Image, Crop]:
+    """Extend the right and bottom edges to the next multiples of ``multiple`` by mirroring the image there.
+
+    Mirroring continues the picture's texture and colour, so the encoder sees no artificial edge and nothing
+    bleeds into the real pixels, which a decode crops back out (`Crop.padding`). It is numpy's "reflect", which
+    reflects again where the padding is longer than the side, so every size works: a 1-pixel side repeats its
+    pixel, a 7x3000 image becomes 8x3000.
+    """
+    w, h = img.size
+    right, bottom = -w % multiple, -h % multiple
+    crop = Crop((w, h), (w, h), (0, 0, w, h), (0, 0, right, bottom))
+    if not (right or bottom):
+        return img, crop
+    arr = np.pad(np.asarray(img), ((0, bottom), (0, right), (0, 0)), mode="reflect")
+    return Image.fromarray(arr), crop
+
+
+def unpad(x: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
+    """The picture inside an image (..., H, W) that was padded by ``padding`` (left, top, right, bottom)."""
+    left, top, right, bottom = padding
+    return x[..., top:x.shape[-2] - bottom, left:x.shape[-1] - right]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -205,4 +227,18 @@ def read_latent(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
 
 def crop_meta(crop: Crop) -> dict[str, str]:
     return {"source_size": json.dumps(crop.source_size), "resized_size": json.dumps(crop.resized_size),
-            "crop_box": json.dumps(crop.box)}
+            "crop_box": json.dumps(crop.box), "padding": json.dumps(crop.padding)}
+
+
+def padding_of(meta: dict[str, str], size: tuple[int, int], path: str | os.PathLike = "") -> tuple[int, ...]:
+    """A latent's recorded padding (left, top, right, bottom) of its (height, width) image; none for latents
+    written before padding was recorded. InputError if it does not fit the image."""
+    try:
+        padding = tuple(int(v) for v in json.loads(meta.get("padding", "[0, 0, 0, 0]")))
+    except (ValueError, TypeError):
+        padding = ()
+    if (len(padding) != 4 or min(padding) < 0
+            or padding[0] + padding[2] >= size[1] or padding[1] + padding[3] >= size[0]):
+        raise InputError(f"{path}: latent metadata has a padding {meta.get('padding')!r} that does not fit its "
+                         f"{size[1]}x{size[0]} image")
+    return padding

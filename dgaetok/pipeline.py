@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .errors import InputError
-from .files import (IMAGE_SUFFIXES, center_crop, crop_meta, find_files, open_image, read_latent, save_png,
-                    to_tensor, write_latent)
+from .files import (IMAGE_SUFFIXES, center_crop, crop_meta, find_files, open_image, padding_of, read_latent,
+                    save_png, to_tensor, unpad, write_latent)
 from .models import Tokenizer
+from .tiling import FALLBACK_TILE, PIXEL_BUDGET
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Item:
     dst: Path
     status: str  # "done", "skipped" (output already there) or "failed"
     error: str = ""
+    note: str = ""  # something the user should know about a file that was done (e.g. it was decoded tiled)
 
 
 @dataclass
@@ -108,12 +110,12 @@ def _shape(value) -> tuple:
     return tuple(value[0].shape)
 
 
-def _write_each(batch, write: Callable[[Path, Path, int], None]) -> Iterator[Item]:
+def _write_each(batch, write: Callable[[Path, Path, int], None], note: str = "") -> Iterator[Item]:
     for i, (src, dst, _) in enumerate(batch):
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             write(src, dst, i)
-            yield Item(src, dst, "done")
+            yield Item(src, dst, "done", note=f"{src}: {note}" if note else "")
         except OSError as exc:
             yield Item(src, dst, "failed", f"{dst}: cannot write ({exc.strerror or exc})")
         except SafetensorError as exc:  # safetensors reports I/O errors (disk full, no permission) as its own type
@@ -130,8 +132,15 @@ def encode_folder(
     overwrite: bool = False,
     seed: int = 0,
     workers: int = 4,
+    tile: int | None = None,
+    overlap: int = 32,
 ) -> Iterator[Item]:
-    """Encode images to one latent file each; existing outputs are skipped unless ``overwrite``."""
+    """Encode images to one latent file each; existing outputs are skipped unless ``overwrite``.
+
+    ``keep_size`` encodes whole images, padded to the model's size multiple (`files.pad_to_multiple`; the
+    padding is recorded and `decode_folder` crops it off). ``tile`` encodes in overlapping tiles
+    (`Tokenizer.encode`).
+    """
     cfg = model.config
     device = next(model.parameters()).device
     model_meta = {"model_hash": model.file_hash, "model_config": cfg.to_json(), "dgaetok_version": __version__}
@@ -140,10 +149,7 @@ def encode_folder(
         return str(src.relative_to(src_root) if src_root.is_dir() else src.name)
 
     def load(path: Path):
-        try:
-            img, crop = center_crop(open_image(path), cfg.resolution, cfg.downsample, keep_size)
-        except ValueError as exc:
-            raise InputError(f"{path}: {exc}") from None
+        img, crop = center_crop(open_image(path), cfg.resolution, model.size_multiple, keep_size)
         return to_tensor(img), crop
 
     yield from job.conflicts
@@ -153,7 +159,7 @@ def encode_folder(
             continue
         x = torch.stack([value[0] for _, _, value in batch]).to(device)
         with torch.no_grad():
-            dist = model.encode(x).latent_dist
+            dist = model.encode(x, tile=tile, overlap=overlap).latent_dist
             z = dist.mode()
             if sample:  # noise per image, so a file's latent does not depend on batching or on a resumed run
                 noise = torch.stack([_posterior_noise(seed, source(src), z.shape[1:]) for src, _, _ in batch])
@@ -181,6 +187,10 @@ def check_latent(model: Tokenizer, path: Path, latent: torch.Tensor, meta: dict[
     c = model.config.latent_channels
     if latent.shape[0] != c:
         raise InputError(f"{path}: latent has {latent.shape[0]} channels, the model expects {c}")
+    f, multiple = model.config.downsample, model.size_multiple
+    if (latent.shape[1] * f) % multiple or (latent.shape[2] * f) % multiple:
+        raise InputError(f"{path}: latent decodes to {latent.shape[2] * f}x{latent.shape[1] * f}, not a multiple "
+                         f"of {multiple} as this model needs")
 
 
 def decode_folder(
@@ -193,15 +203,22 @@ def decode_folder(
     batch_size: int = 16,
     overwrite: bool = False,
     workers: int = 2,
+    tile: int | None = None,
+    overlap: int = 32,
+    pixel_budget: int | None = PIXEL_BUDGET,
 ) -> Iterator[Item]:
-    """Decode latent files to PNGs. Every image starts from the same seeded noise, so an output does not
-    depend on batch size or on which other files are decoded alongside it."""
+    """Decode latent files to PNGs, cropped to the size recorded in each latent (``encode --keep-size``).
+
+    Every image starts from the same seeded noise, so an output does not depend on batch size or on which
+    other files are decoded alongside it. ``tile``, ``overlap`` and ``pixel_budget``: see `decode_batch`.
+    """
     device = next(model.parameters()).device
+    f = model.config.downsample
 
     def load(path: Path):
         latent, meta = read_latent(path)
         check_latent(model, path, latent, meta)
-        return (latent,)
+        return latent, padding_of(meta, (latent.shape[1] * f, latent.shape[2] * f), path)
 
     yield from job.conflicts
     for finished, batch in _batches(job.pairs, load, batch_size, overwrite, workers):
@@ -209,11 +226,58 @@ def decode_folder(
         if not batch:
             continue
         z = torch.stack([value[0] for _, _, value in batch]).to(device)
-        f = model.config.downsample
-        noise_shape = (1, 3, z.shape[2] * f, z.shape[3] * f)
-        noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed)).expand(len(batch), -1, -1, -1)
-        images = model.decode(z, steps=steps, sampler=sampler, shift=shift, noise=noise)
-        yield from _write_each(batch, lambda src, dst, i: save_png(images[i], dst))
+        noise = seeded_noise(seed, z.shape[2] * f, z.shape[3] * f, len(batch))
+        images, note = decode_batch(model, z, noise, steps, sampler, shift, tile, overlap, pixel_budget)
+        yield from _write_each(batch, lambda src, dst, i: save_png(unpad(images[i], batch[i][2][1]), dst), note)
+
+
+def seeded_noise(seed: int, height: int, width: int, n: int) -> torch.Tensor:
+    """The starting noise of a decode: one CPU draw from ``seed``, shared by the ``n`` images of a batch."""
+    return torch.randn((1, 3, height, width), generator=torch.Generator().manual_seed(seed)).expand(n, -1, -1, -1)
+
+
+def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: int, sampler: str, shift: float,
+                 tile: int | None = None, overlap: int = 32,
+                 pixel_budget: int | None = PIXEL_BUDGET) -> tuple[torch.Tensor, str]:
+    """Decode a batch whole, or in ``tile``-pixel tiles when asked; returns the images and a note for the user.
+
+    ``pixel_budget`` (None: no limit) bounds the pixels one decoder call takes, images times image or tile
+    size: a batch over it is decoded a few images at a time (which changes nothing but float rounding), and
+    without ``tile`` an image over it is tiled, decided before anything is allocated. A batch that runs out
+    of memory whole (CUDA, or the CPU allocator refusing) is retried in tiles. Such a fallback decodes exactly
+    as ``tile=FALLBACK_TILE`` would, from the same noise, and the note says so in one line.
+    """
+    h, w = noise.shape[-2:]
+    if tile:
+        return _decode_within(model, z, noise, steps, sampler, shift, tile, overlap, pixel_budget), ""
+    if pixel_budget is not None and h * w > pixel_budget:
+        reason = f"{w}x{h} is over the pixel budget of {pixel_budget}"
+    else:
+        try:
+            return _decode_within(model, z, noise, steps, sampler, shift, None, overlap, pixel_budget), ""
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            reason = f"out of memory decoding {w}x{h} whole"
+        if z.device.type == "cuda":  # outside the except block: the traceback no longer pins the failed tensors
+            torch.cuda.empty_cache()
+    note = f"{reason}; decoded in {FALLBACK_TILE}-pixel tiles (as --tile {FALLBACK_TILE} --overlap {overlap})"
+    return _decode_within(model, z, noise, steps, sampler, shift, FALLBACK_TILE, overlap, pixel_budget), note
+
+
+def _decode_within(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: int, sampler: str, shift: float,
+                   tile: int | None, overlap: int, pixel_budget: int | None) -> torch.Tensor:
+    """``model.decode`` in as few calls as keep each under ``pixel_budget`` pixels (at least one image or tile)."""
+    kwargs = dict(steps=steps, sampler=sampler, shift=shift, tile=tile, overlap=overlap)
+    if pixel_budget is None:
+        return model.decode(z, noise=noise, **kwargs)
+    h, w = noise.shape[-2:]
+    unit = h * w if tile is None else min(tile, h) * min(tile, w)  # pixels per image in one network call
+    per_call = max(1, pixel_budget // unit)
+    images = min(len(z), per_call)
+    chunk = max(1, per_call // images)  # tiles per call, when tiled
+    return torch.cat([model.decode(z[i:i + images], noise=noise[i:i + images], chunk=chunk, **kwargs)
+                      for i in range(0, len(z), images)])
 
 
 def summarize(items: Iterable[Item]) -> dict[str, list[Item]]:

@@ -28,6 +28,7 @@ import dgaetok.files as files
 from dgaetok.cli import app
 from dgaetok.files import LATENT_FORMAT, center_crop, open_image, read_latent, to_tensor, write_latent
 from dgaetok.models import file_sha256, load_model
+from dgaetok.pipeline import decode_batch, seeded_noise
 
 from conftest import save_tiny_model
 
@@ -227,14 +228,114 @@ def test_encode_all_image_formats_and_keep_size(tmp_path, tiny_model_file):
     assert {read_latent(p)[0].shape for p in (tmp_path / "cropped").glob("*.safetensors")} == {(4, 8, 8)}
 
     result = cli("encode", src, "-o", tmp_path / "whole", "--keep-size", *model_args(tiny_model_file))
-    assert result.exit_code == 1
-    assert summary(result) == (len(suffixes), 0, 1)
-    assert failures(result) == [f"failed: {odd}: size 50x40 is not a multiple of 8 (drop --keep-size to crop)"]
-    assert not (tmp_path / "whole" / "odd.safetensors").exists() and leftovers(tmp_path / "whole") == []
-    for path in (tmp_path / "whole").glob("*.safetensors"):
+    assert result.exit_code == 0, result.output
+    assert summary(result) == (len(suffixes) + 1, 0, 0) and leftovers(tmp_path / "whole") == []
+    for path in (tmp_path / "whole").glob("img_*.safetensors"):
         latent, meta = read_latent(path)
         assert latent.shape == (4, 6, 9)
         assert json.loads(meta["crop_box"]) == [0, 0, 72, 48] and json.loads(meta["source_size"]) == [72, 48]
+        assert json.loads(meta["padding"]) == [0, 0, 0, 0]
+    latent, meta = read_latent(tmp_path / "whole" / "odd.safetensors")  # 50x40: mirrored out to 56x40
+    assert latent.shape == (4, 5, 7) and json.loads(meta["padding"]) == [0, 0, 6, 0]
+
+
+def test_keep_size_round_trips_any_size_and_crops_back(tmp_path, tiny_model_file):
+    """Odd, non-square, 1x1 and 7x300 images encode whole (padded by mirroring) and decode at their own size."""
+    src = tmp_path / "src"
+    sizes = {"odd": (50, 41), "dot": (1, 1), "strip": (300, 7), "tall": (9, 70)}
+    for name, size in sizes.items():
+        write_image(src / f"{name}.png", size)
+    result = cli("encode", src, "-o", tmp_path / "latents", "--keep-size", *model_args(tiny_model_file))
+    assert result.exit_code == 0 and summary(result) == (4, 0, 0), result.output
+    latent, meta = read_latent(tmp_path / "latents" / "strip.safetensors")
+    assert latent.shape == (4, 1, 38) and json.loads(meta["padding"]) == [0, 0, 4, 1]
+    model = load_model(tiny_model_file)
+    with torch.no_grad():  # the latent is the padded image's: the right/bottom edges mirrored
+        padded = np.pad(np.asarray(open_image(src / "strip.png")), ((0, 1), (0, 4), (0, 0)), mode="reflect")
+        expected = model.encode(to_tensor(Image.fromarray(padded))[None]).latent_dist.mode()[0]
+    torch.testing.assert_close(latent, expected, atol=1e-5, rtol=0)
+
+    result = cli("decode", tmp_path / "latents", "-o", tmp_path / "out", "--steps", 1, *model_args(tiny_model_file))
+    assert result.exit_code == 0 and summary(result) == (4, 0, 0), result.output
+    for name, size in sizes.items():
+        with Image.open(tmp_path / "out" / f"{name}.png") as img:
+            assert img.size == size, name
+
+
+def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, monkeypatch):
+    """--tile decodes any size; an image over --pixel-budget, or a batch that runs out of memory, is decoded
+    tiled instead with one note line per file, and exactly as `--tile 512` decodes it."""
+    src = tmp_path / "src"
+    write_image(src / "a.png", (72, 40))
+    write_image(src / "b.png", (72, 40), seed=1)
+    cli("encode", src, "-o", tmp_path / "latents", "--keep-size", *model_args(tiny_model_file))
+    args = ["--steps", 1, *model_args(tiny_model_file)]
+
+    tiled = cli("decode", tmp_path / "latents", "-o", tmp_path / "tiled", "--tile", 512, *args)
+    assert tiled.exit_code == 0 and summary(tiled) == (2, 0, 0) and "note:" not in tiled.stderr
+    small = cli("decode", tmp_path / "latents", "-o", tmp_path / "small", "--tile", 32, "--overlap", 8, *args)
+    assert small.exit_code == 0 and summary(small) == (2, 0, 0)
+    with Image.open(tmp_path / "small" / "a.png") as img:
+        assert img.size == (72, 40)
+
+    budget = cli("decode", tmp_path / "latents", "-o", tmp_path / "budget", "--pixel-budget", 2000, *args)
+    assert budget.exit_code == 0 and summary(budget) == (2, 0, 0)
+    notes = [line for line in err_lines(budget) if line.startswith("note: ")]
+    assert notes == [f"note: {tmp_path / 'latents' / name}.safetensors: 72x40 is over the pixel budget of 2000; "
+                     "decoded in 512-pixel tiles (as --tile 512 --overlap 32)" for name in "ab"]
+
+    real_decode = type(load_model(tiny_model_file)).decode
+
+    def decode_oom_when_whole(self, z, *a, tile=None, **kw):
+        if tile is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_decode(self, z, *a, tile=tile, **kw)
+
+    monkeypatch.setattr(type(load_model(tiny_model_file)), "decode", decode_oom_when_whole)
+    oom = cli("decode", tmp_path / "latents", "-o", tmp_path / "oom", *args)
+    assert oom.exit_code == 0 and summary(oom) == (2, 0, 0)
+    assert [line for line in err_lines(oom) if line.startswith("note: ")] == [
+        f"note: {tmp_path / 'latents' / name}.safetensors: out of memory decoding 72x40 whole; decoded in "
+        "512-pixel tiles (as --tile 512 --overlap 32)" for name in "ab"]
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / "budget" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes()
+        assert (tmp_path / "oom" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes()
+
+
+def test_the_pixel_budget_splits_batches_and_tiles_only_what_is_over_it(tiny_model_file, monkeypatch):
+    model = load_model(tiny_model_file)
+    z = torch.randn(5, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    noise = seeded_noise(0, 40, 48, 5)
+    calls = []
+    real_decode = type(model).decode
+
+    def counting_decode(self, z, *args, **kwargs):
+        calls.append((len(z), kwargs["tile"], kwargs.get("chunk")))
+        return real_decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "decode", counting_decode)
+    whole, note = decode_batch(model, z, noise, 1, "euler", 1.0, pixel_budget=None)
+    assert calls == [(5, None, None)] and note == ""
+    calls.clear()
+    split, note = decode_batch(model, z, noise, 1, "euler", 1.0, pixel_budget=2 * 40 * 48)
+    assert calls == [(2, None, 1), (2, None, 1), (1, None, 1)] and note == ""
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    calls.clear()
+    tiled, _ = decode_batch(model, z, noise, 1, "euler", 1.0, tile=32, overlap=8, pixel_budget=3 * 32 * 32)
+    assert calls == [(3, 32, 1), (2, 32, 1)]  # 3 images per call, their tiles one at a time
+    calls.clear()
+    tiled, _ = decode_batch(model, z, noise, 1, "euler", 1.0, tile=32, overlap=8, pixel_budget=20 * 32 * 32)
+    assert calls == [(5, 32, 4)]
+
+
+def test_bad_tile_options(tmp_path, encoded, album, tiny_model_file):
+    result = cli("decode", encoded, "-o", tmp_path / "out", "--tile", 100, *model_args(tiny_model_file))
+    assert_user_error(result, "--tile 100: must be a positive multiple of 8 for this model")
+    result = cli("decode", encoded, "-o", tmp_path / "out", "--tile", 64, "--overlap", 40, *model_args(tiny_model_file))
+    assert_user_error(result, "--overlap 40: must be between 0 and 32 for --tile 64")
+    result = cli("encode", album, "-o", tmp_path / "enc", "--tile", 12, *model_args(tiny_model_file))
+    assert_user_error(result, "--tile 12: must be a positive multiple of 8 for this model")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "enc").exists()
 
 
 def test_encode_sample_is_seeded_per_image(tmp_path, album, encoded, tiny_model_file):

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from dgaetok.errors import InputError
 from dgaetok.files import (IMAGE_SUFFIXES, LATENT_FORMAT, atomic_path, center_crop, find_files, open_image,
-                           prepare_output_dir, read_latent, resize_shorter_side, to_tensor, to_uint8, write_latent)
+                           pad_to_multiple, padding_of, prepare_output_dir, read_latent, resize_shorter_side,
+                           to_tensor, to_uint8, unpad, write_latent)
 
 
 def leftovers(folder) -> list[str]:
@@ -128,12 +129,38 @@ def test_center_crop_takes_the_middle():
     assert (np.asarray(out) == 255).all()
 
 
-def test_keep_size_uses_the_whole_image_or_refuses():
+def test_keep_size_uses_the_whole_image_padded_by_mirroring():
     img = Image.new("RGB", (72, 48))
     out, crop = center_crop(img, 64, 8, keep_size=True)
-    assert out.size == (72, 48) and crop.box == (0, 0, 72, 48) and crop.resized_size == (72, 48)
-    with pytest.raises(ValueError, match="not a multiple of 8"):
-        center_crop(Image.new("RGB", (50, 40)), 64, 8, keep_size=True)
+    assert out is img and crop.box == (0, 0, 72, 48) and crop.resized_size == (72, 48)
+    assert crop.padding == (0, 0, 0, 0)
+    arr = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    out, crop = center_crop(Image.fromarray(arr), 64, 8, keep_size=True)
+    assert out.size == (56, 40) and crop.padding == (0, 0, 6, 0) and crop.source_size == (50, 40)
+    padded = np.asarray(out)
+    assert np.array_equal(padded[:, :50], arr) and np.array_equal(padded[:, 50:], arr[:, 48:42:-1])
+
+
+@pytest.mark.parametrize("size, padded, padding", [
+    ((1, 1), (8, 8), (0, 0, 7, 7)), ((7, 3000), (8, 3000), (0, 0, 1, 0)), ((3000, 7), (3000, 8), (0, 0, 0, 1)),
+    ((2, 17), (16, 32), (0, 0, 14, 15)),
+])
+def test_every_size_pads_even_when_the_padding_is_longer_than_the_side(size, padded, padding):
+    arr = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out, crop = pad_to_multiple(Image.fromarray(arr), 16 if size == (2, 17) else 8)
+    assert out.size == padded and crop.padding == padding
+    back = unpad(torch.from_numpy(np.array(out)).permute(2, 0, 1), crop.padding)
+    assert np.array_equal(back.permute(1, 2, 0).numpy(), arr)
+    if size == (1, 1):
+        assert (np.asarray(out) == arr[0, 0]).all()  # a single pixel mirrors into itself
+
+
+def test_padding_metadata_is_checked_against_the_image():
+    assert padding_of({}, (40, 56)) == (0, 0, 0, 0)  # latents from before padding was recorded
+    assert padding_of({"padding": "[0, 0, 6, 0]"}, (40, 56)) == (0, 0, 6, 0)
+    for bad in ("[0, 0, 56, 0]", "[1, 2]", "[0, -1, 0, 0]", "nonsense"):
+        with pytest.raises(InputError, match=r"^x.safetensors: latent metadata has a padding .* that does not fit"):
+            padding_of({"padding": bad}, (40, 56), "x.safetensors")
 
 
 # --- tensors --------------------------------------------------------------------------------------------------
