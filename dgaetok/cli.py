@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import InputError
+from .tiling import FALLBACK_TILE, PIXEL_BUDGET, check_tiling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DGAE image tokenizers: encode images to latents, decode them back, train, benchmark.")
@@ -72,6 +73,8 @@ def run_job(job, items, verb: str) -> None:
                 progress.advance(task)
                 if item.status == "failed":
                     console.print(f"[red]failed:[/red] {escape(item.error)}", highlight=False, soft_wrap=True)
+                elif item.note:
+                    console.print(f"note: {escape(item.note)}", highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         done = len(summarize(results)["done"])
         console.print(f"{verb}: interrupted after {done} written; run the same command again to resume")
@@ -93,6 +96,10 @@ COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA
                 "Compiling takes a minute or more; it pays on long jobs.")
 
 
+TILE_HELP = "Run the network on overlapping tiles of this many pixels (a multiple of the model's size multiple)."
+OVERLAP_HELP = "Pixels neighbouring tiles share; their outputs are blended across it."
+
+
 def note_single_step(model) -> None:
     if model.single_step:
         console.print(f"note: {model.config.arch} decodes in one step; --steps, --sampler, --shift and --seed "
@@ -107,13 +114,17 @@ def encode(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
     batch_size: int = typer.Option(16, min=1),
     sample: bool = typer.Option(False, "--sample", help="Draw z from the posterior instead of taking its mean."),
-    keep_size: bool = typer.Option(False, "--keep-size", help="Encode whole images (sides must be multiples of f)."),
+    keep_size: bool = typer.Option(False, "--keep-size", help="Encode whole images at their own size (padded by "
+                                   "mirroring to a multiple of f; decode crops back)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode files whose latent already exists."),
     seed: int = typer.Option(0, help="Seed for --sample."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
     workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by path)."),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    tile: Optional[int] = typer.Option(None, min=1, help=TILE_HELP + " The latent then differs a little from "
+                                       "the whole image's (GroupNorm statistics and attention per tile)."),
+    overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
 ):
     """Encode images to latents, one .safetensors file per image."""
     from .files import prepare_output_dir
@@ -122,8 +133,10 @@ def encode(
     dev = pick_device(device)
     job = encode_job(src, output, limit)
     m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
+    if tile:
+        check_tiling(tile, overlap, m.config.downsample)
     prepare_output_dir(output)
-    items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers)
+    items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers, tile, overlap)
     run_job(job, items, "encode")
 
 
@@ -141,6 +154,13 @@ def decode(
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: Optional[str] = typer.Option(None),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    tile: Optional[int] = typer.Option(None, min=1, help=TILE_HELP + " DGAE blends the tiles' velocities at "
+                                       "every step, so no seams; memory follows the tile, not the image."),
+    overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
+    pixel_budget: int = typer.Option(PIXEL_BUDGET, min=1, help="Most pixels one decoder call takes (images x "
+                                     "image or tile size): a batch over it is split; without --tile, an image over "
+                                     f"it is decoded in {FALLBACK_TILE}-pixel tiles, as is one that runs out of "
+                                     "memory."),
 ):
     """Decode latents back to PNG images with the diffusion decoder."""
     from .files import prepare_output_dir
@@ -153,8 +173,11 @@ def decode(
     job = decode_job(src, output)
     m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
     note_single_step(m)
+    if tile:
+        check_tiling(tile, overlap, m.size_multiple)
     prepare_output_dir(output)
-    items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite)
+    items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite, tile=tile, overlap=overlap,
+                          pixel_budget=pixel_budget)
     run_job(job, items, "decode")
 
 
@@ -259,6 +282,41 @@ def train(
         console.print(f"interrupted: checkpoint saved in {escape(str(out_dir))}; continue with --resume")
         raise typer.Exit(130) from None
     console.print(f"done: {escape(str(out_dir / 'model.safetensors'))}")
+
+
+@app.command()
+@user_errors
+def show(
+    file: Path = typer.Argument(..., help="A latent .safetensors file."),
+    output: Path = typer.Option(..., "-o", "--output", help="The PNG to write."),
+    image: Optional[Path] = typer.Option(None, "--image", help="The image the latent was encoded from: draw "
+                                         "original | latent | reconstruction side by side."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for the reconstruction (with --image)."),
+    steps: int = typer.Option(50, min=1, help="ODE steps of the reconstruction."),
+    sampler: str = typer.Option("euler", help="euler or heun."),
+    shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the reconstruction."),
+    seed: int = typer.Option(0, help="Noise seed of the reconstruction (the same image as `decode --seed`)."),
+    device: Optional[str] = typer.Option(None),
+):
+    """Draw a latent's first three principal components as RGB at its image's size (the paper's Fig. 8)."""
+    from .files import atomic_path
+    from .flow import SAMPLERS
+    from .show import show as draw
+
+    if sampler not in SAMPLERS:
+        raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
+    if not file.is_file():
+        raise InputError(f"{file}: no such file")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent}: no such folder")
+    m = load(model, pick_device(device)) if image is not None else None
+    picture = draw(file, image, m, steps, sampler, shift, seed)
+    try:
+        with atomic_path(output) as tmp:
+            picture.save(tmp, format="PNG")
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    out.print(f"wrote {escape(str(output))} ({picture.width}x{picture.height})", highlight=False, soft_wrap=True)
 
 
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
