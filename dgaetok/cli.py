@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import InputError
-from .tiling import FALLBACK_TILE, PIXEL_BUDGET, check_tiling
+from .tiling import PIXEL_BUDGET, check_tiling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DGAE image tokenizers: encode images to latents, decode them back, train, benchmark.")
@@ -159,13 +159,13 @@ def decode(
     overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
     pixel_budget: int = typer.Option(PIXEL_BUDGET, min=1, help="Most pixels one decoder call takes (images x "
                                      "image or tile size): a batch over it is split; without --tile, an image over "
-                                     f"it is decoded in {FALLBACK_TILE}-pixel tiles, as is one that runs out of "
+                                     "it is decoded in tiles of the model's resolution, as is one that runs out of "
                                      "memory."),
 ):
     """Decode latents back to PNG images with the diffusion decoder."""
     from .files import prepare_output_dir
     from .flow import SAMPLERS
-    from .pipeline import decode_folder, decode_job
+    from .pipeline import decode_folder, decode_job, fallback_tile
 
     if sampler not in SAMPLERS:
         raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
@@ -173,8 +173,7 @@ def decode(
     job = decode_job(src, output)
     m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
     note_single_step(m)
-    if tile:
-        check_tiling(tile, overlap, m.size_multiple)
+    check_tiling(tile or fallback_tile(m), overlap, m.size_multiple)  # the fallback's too, before any work
     prepare_output_dir(output)
     items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite, tile=tile, overlap=overlap,
                           pixel_budget=pixel_budget)

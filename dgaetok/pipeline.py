@@ -21,7 +21,7 @@ from .errors import InputError
 from .files import (IMAGE_SUFFIXES, center_crop, crop_meta, find_files, open_image, padding_of, read_latent,
                     save_png, to_tensor, unpad, write_latent)
 from .models import Tokenizer
-from .tiling import FALLBACK_TILE, PIXEL_BUDGET
+from .tiling import PIXEL_BUDGET
 
 
 @dataclass
@@ -245,7 +245,7 @@ def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: 
     size: a batch over it is decoded a few images at a time (which changes nothing but float rounding), and
     without ``tile`` an image over it is tiled, decided before anything is allocated. A batch that runs out
     of memory whole (CUDA, or the CPU allocator refusing) is retried in tiles. Such a fallback decodes exactly
-    as ``tile=FALLBACK_TILE`` would, from the same noise, and the note says so in one line.
+    as ``tile=fallback_tile(model)`` would, from the same noise, and the note says so in one line.
     """
     h, w = noise.shape[-2:]
     if tile:
@@ -261,8 +261,15 @@ def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: 
             reason = f"out of memory decoding {w}x{h} whole"
         if z.device.type == "cuda":  # outside the except block: the traceback no longer pins the failed tensors
             torch.cuda.empty_cache()
-    note = f"{reason}; decoded in {FALLBACK_TILE}-pixel tiles (as --tile {FALLBACK_TILE} --overlap {overlap})"
-    return _decode_within(model, z, noise, steps, sampler, shift, FALLBACK_TILE, overlap, pixel_budget), note
+    tile = fallback_tile(model)
+    note = f"{reason}; decoded in {tile}-pixel tiles (as --tile {tile} --overlap {overlap})"
+    return _decode_within(model, z, noise, steps, sampler, shift, tile, overlap, pixel_budget), note
+
+
+def fallback_tile(model: Tokenizer) -> int:
+    """The tile of an automatic fallback: the model's training resolution (tiles then see images of the size
+    the GroupNorm statistics were learnt on), rounded down to its size multiple."""
+    return max(model.size_multiple, model.config.resolution // model.size_multiple * model.size_multiple)
 
 
 def _decode_within(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: int, sampler: str, shift: float,

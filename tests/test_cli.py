@@ -264,14 +264,15 @@ def test_keep_size_round_trips_any_size_and_crops_back(tmp_path, tiny_model_file
 
 def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, monkeypatch):
     """--tile decodes any size; an image over --pixel-budget, or a batch that runs out of memory, is decoded
-    tiled instead with one note line per file, and exactly as `--tile 512` decodes it."""
+    tiled instead, in tiles of the model's resolution (64 px here), with one note line per file, and exactly
+    as `--tile 64` decodes it."""
     src = tmp_path / "src"
     write_image(src / "a.png", (72, 40))
     write_image(src / "b.png", (72, 40), seed=1)
     cli("encode", src, "-o", tmp_path / "latents", "--keep-size", *model_args(tiny_model_file))
     args = ["--steps", 1, *model_args(tiny_model_file)]
 
-    tiled = cli("decode", tmp_path / "latents", "-o", tmp_path / "tiled", "--tile", 512, *args)
+    tiled = cli("decode", tmp_path / "latents", "-o", tmp_path / "tiled", "--tile", 64, *args)
     assert tiled.exit_code == 0 and summary(tiled) == (2, 0, 0) and "note:" not in tiled.stderr
     small = cli("decode", tmp_path / "latents", "-o", tmp_path / "small", "--tile", 32, "--overlap", 8, *args)
     assert small.exit_code == 0 and summary(small) == (2, 0, 0)
@@ -282,7 +283,7 @@ def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, m
     assert budget.exit_code == 0 and summary(budget) == (2, 0, 0)
     notes = [line for line in err_lines(budget) if line.startswith("note: ")]
     assert notes == [f"note: {tmp_path / 'latents' / name}.safetensors: 72x40 is over the pixel budget of 2000; "
-                     "decoded in 512-pixel tiles (as --tile 512 --overlap 32)" for name in "ab"]
+                     "decoded in 64-pixel tiles (as --tile 64 --overlap 32)" for name in "ab"]
 
     real_decode = type(load_model(tiny_model_file)).decode
 
@@ -296,7 +297,7 @@ def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, m
     assert oom.exit_code == 0 and summary(oom) == (2, 0, 0)
     assert [line for line in err_lines(oom) if line.startswith("note: ")] == [
         f"note: {tmp_path / 'latents' / name}.safetensors: out of memory decoding 72x40 whole; decoded in "
-        "512-pixel tiles (as --tile 512 --overlap 32)" for name in "ab"]
+        "64-pixel tiles (as --tile 64 --overlap 32)" for name in "ab"]
     for name in ("a.png", "b.png"):
         assert (tmp_path / "budget" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes()
         assert (tmp_path / "oom" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes()
