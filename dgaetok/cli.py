@@ -114,6 +114,8 @@ def encode(
     workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by path)."),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    normalize: bool = typer.Option(False, "--normalize", help="Write (z - mean) / std with the model file's latent "
+                                   "statistics (see `dgaetok stats`); decode undoes it."),
 ):
     """Encode images to latents, one .safetensors file per image."""
     from .files import prepare_output_dir
@@ -122,8 +124,10 @@ def encode(
     dev = pick_device(device)
     job = encode_job(src, output, limit)
     m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
+    if normalize:
+        m.require_stats()
     prepare_output_dir(output)
-    items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers)
+    items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers, normalize)
     run_job(job, items, "encode")
 
 
@@ -259,6 +263,43 @@ def train(
         console.print(f"interrupted: checkpoint saved in {escape(str(out_dir))}; continue with --resume")
         raise typer.Exit(130) from None
     console.print(f"done: {escape(str(out_dir / 'model.safetensors'))}")
+
+
+@app.command()
+@user_errors
+def stats(
+    data: Path = typer.Argument(..., help="Folder of images to measure on (e.g. the tokenizer's training data)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
+    output: Path = typer.Option(..., "-o", "--output", help="The model file to write: a copy of --model with the "
+                                "statistics (may be --model itself)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only N images, spread evenly over DATA."),
+    batch_size: int = typer.Option(16, min=1),
+    device: Optional[str] = typer.Option(None),
+):
+    """Per-channel mean and std of the posterior means over DATA, written into a copy of the model file."""
+    from .files import IMAGE_SUFFIXES, find_files
+    from .models import resolve_model, save_with_stats
+    from .stats import measure_folder
+
+    src = resolve_model(model)
+    if output.is_dir() or not output.parent.is_dir():
+        raise InputError(f"{output}: not a file path in an existing folder")
+    m = load(model, pick_device(device))
+    skipped = []
+    total = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))
+    columns = (TextColumn("stats"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("stats", total=total)
+        result = measure_folder(m, data, limit, batch_size, skipped.append, lambda n: progress.advance(task, n))
+    save_with_stats(src, result, output)
+    table = Table("channel", "mean", "std", title=f"{escape(output.name)}: {result.images} images")
+    for i, (mean, std) in enumerate(zip(result.mean, result.std)):
+        table.add_row(str(i), f"{mean:.4f}", f"{std:.4f}")
+    out.print(table)
+    for message in skipped:
+        console.print(f"[yellow]skipped:[/yellow] {escape(message)}", highlight=False)
+    console.print(f"scaling_factor {result.scaling_factor:.6g} (1 / std over all channels), shift_factor "
+                  f"{result.shift_factor:.6g}; wrote {escape(str(output))}", highlight=False)
 
 
 weights_app = typer.Typer(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")

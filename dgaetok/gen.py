@@ -35,10 +35,11 @@ from . import __version__, flow
 from .dit import DiT, DiT_models
 from .errors import InputError
 from .bench import batch_ranges, eval_images
-from .files import atomic_path, find_files, read_latent, save_grid, to_uint8
+from .files import atomic_path, find_files, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, autocast, load_model, resolve_model
-from .pipeline import check_latent
+from .pipeline import load_latent
+from .stats import LatentStats
 from .train import ema_decay_at, load_prefixed, update_ema
 
 CURVE_FIELDS = ("tokenizer", "step", "train_s", "samples", "fid", "sfid", "precision", "recall")
@@ -140,8 +141,7 @@ def read_latent_folder(tokenizer: Tokenizer, root: str | Path, limit: int | None
         if limit is not None and len(latents) == limit:
             break
         try:
-            latent, meta = read_latent(path)
-            check_latent(tokenizer, path, latent, meta)
+            latent = load_latent(tokenizer, path)
             if latents and latent.shape != latents[0].shape:
                 raise InputError(f"{path}: latent shape {tuple(latent.shape)} differs from "
                                  f"{tuple(latents[0].shape)} (encode without --keep-size)")
@@ -165,19 +165,26 @@ def encode_images(model: Tokenizer, images: list[torch.Tensor], batch_size: int)
     return torch.cat(zs)
 
 
-def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, mean, std): ``make()``'s latents and their per-channel statistics, computed once and stored in
-    ``path``, and reused while ``key`` (the latents' source and the model file) is unchanged. ``labels`` are
-    stored for reference only."""
+def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], torch.Tensor],
+                   stats: LatentStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, mean, std): ``make()``'s latents, computed once and stored in ``path``, and reused while ``key``
+    (the latents' source and the model file) is unchanged; ``labels`` are stored for reference only. The
+    per-channel statistics are the model file's ``stats`` when it has them, else computed over the latents once
+    and stored beside them."""
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("key") == key:
-                return tuple(fh.get_tensor(k) for k in ("latents", "mean", "std"))
+            if (fh.metadata() or {}).get("key") == key and (stats is not None or "mean" in fh.keys()):
+                z = fh.get_tensor("latents")
+                if stats is not None:
+                    return z, torch.tensor(stats.mean), torch.tensor(stats.std)
+                return z, fh.get_tensor("mean"), fh.get_tensor("std")
     z = make()
-    mean = z.mean(dim=(0, 2, 3))
-    std = z.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    tensors = {"latents": z, "labels": torch.tensor(labels, dtype=torch.long), "mean": mean, "std": std}
+    tensors = {"latents": z, "labels": torch.tensor(labels, dtype=torch.long)}
+    if stats is not None:
+        mean, std = torch.tensor(stats.mean), torch.tensor(stats.std)
+    else:
+        mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        tensors |= {"mean": mean, "std": std}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"key": key})
     return z, mean, std
@@ -187,7 +194,7 @@ def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], t
 
 
 def _resume_settings(cfg: GenConfig, source: str) -> str:
-    """The settings a checkpoint depends on, with ``source``: where its latents came from."""
+    """The settings a checkpoint depends on, with ``source``: where its latents and their statistics came from."""
     return json.dumps({**{k: getattr(cfg, k) for k in RESUME_KEYS}, "latents": source}, sort_keys=True)
 
 
@@ -217,7 +224,9 @@ def load_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, cfg: 
     except Exception as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     if meta["config"] != dit.config.to_json() or meta["settings"] != _resume_settings(cfg, source):
-        raise InputError(f"{path}: checkpoint was made with other settings ({meta['settings']}); "
+        saved, now = json.loads(meta["settings"]), json.loads(_resume_settings(cfg, source))
+        changed = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
+        raise InputError(f"{path}: checkpoint was made with other settings ({changed or meta['settings']}); "
                          f"use the same options or another --output")
     step = int(meta["step"])
     if state["step"] != step:
@@ -395,7 +404,10 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
             make = lambda: encode_images(tokenizer, images, cfg.batch_size)  # noqa: E731
         y = torch.tensor(labels, dtype=torch.long)  # from the file names, whatever the cache holds
         z, mean, std = cached_latents(folder / "latents.safetensors",
-                                      json.dumps({"data": source, "model": tokenizer.file_hash}), labels, make)
+                                      json.dumps({"data": source, "model": tokenizer.file_hash}), labels, make,
+                                      tokenizer.latent_stats)
+        if tokenizer.latent_stats is not None:  # a DiT trained on statistics computed here cannot go on with these
+            source = f"{source}; latent statistics from the model file"
         zn = (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         try:
             dit_config = DiT_models[cfg.dit](input_size=z.shape[-1], in_channels=z.shape[1],

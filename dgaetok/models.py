@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from . import flow
 from .errors import InputError
 from .files import atomic_path
+from .stats import LatentStats
 from .unet import UNet
 from .vae import Decoder, DiagonalGaussian, Encoder, ch_mult_for
 
@@ -94,7 +95,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 class Tokenizer(nn.Module):
     """What both families share: the config, the SD-VAE encoder, ``encode`` and the parameter counts.
 
-    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator)``.
+    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator)``. ``latent_stats``
+    (a `LatentStats`, or None) are the latent statistics the model file carries; `normalize`, `denormalize` and
+    `scaling_factor` use them.
     """
 
     single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
@@ -104,6 +107,27 @@ class Tokenizer(nn.Module):
         self.config = config
         self.encoder = Encoder(*self.vae_args())
         self.file_hash = ""  # set by load_model: latents record which model file made them
+        self.latent_stats: LatentStats | None = None
+
+    def require_stats(self) -> LatentStats:
+        if self.latent_stats is None:
+            raise InputError(f"model {self.file_hash or self.config.preset or self.config.arch} has no latent "
+                             f"statistics; add them with `dgaetok stats DATA --model M -o M2`")
+        return self.latent_stats
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents to zero mean and unit std per channel, ``(z - mean) / std``, as a latent diffusion model wants
+        them; z is (B, c, h, w) or (c, h, w)."""
+        return self.require_stats().normalize(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize`: ``z * std + mean``, ready for `decode`."""
+        return self.require_stats().denormalize(z)
+
+    @property
+    def scaling_factor(self) -> float:
+        """diffusers' single number: 1 / the std of the latents over all channels (``z * scaling_factor``)."""
+        return self.require_stats().scaling_factor
 
     def vae_args(self) -> tuple:
         """(latent_channels, ch, ch_mult, num_res_blocks, dropout) of the SD-VAE encoder (and SD-VAE's decoder)."""
@@ -373,12 +397,56 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, 
 
 
 def save_model(model: Tokenizer, path: str | os.PathLike, dtype: torch.dtype | None = None, **meta: str) -> None:
-    """Write a self-describing model file atomically; ``dtype`` (e.g. bfloat16) shrinks storage only."""
+    """Write a self-describing model file atomically; ``dtype`` (e.g. bfloat16) shrinks storage only. The model's
+    ``latent_stats``, when set, go into the metadata."""
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": model.config.to_json(), **meta}
+    if model.latent_stats is not None:
+        metadata["latent_stats"] = model.latent_stats.to_json()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_with_stats(src: str | os.PathLike, stats: LatentStats, dst: str | os.PathLike) -> None:
+    """Copy the model file ``src`` to ``dst`` (atomically; ``dst`` may be ``src``) with ``stats`` in its metadata;
+    the tensors are copied as stored, in their dtype."""
+    meta, tensors = read_model_file(src)
+    check_stats(config_of(meta, src), stats, dst)
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata={**meta, "latent_stats": stats.to_json()})
+
+
+def check_stats(config: DGAEConfig, stats: LatentStats, path: str | os.PathLike) -> LatentStats:
+    if len(stats.mean) != config.latent_channels:
+        raise InputError(f"{path}: latent statistics have {len(stats.mean)} channels, the model "
+                         f"{config.latent_channels}")
+    return stats
+
+
+def config_of(meta: dict[str, str], path: str | os.PathLike) -> DGAEConfig:
+    """The config in a model file's metadata (from `read_model_file`)."""
+    try:
+        return DGAEConfig.from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable model config ({str(exc).splitlines()[0]})") from None
+
+
+def load_encoder(model: Tokenizer, path: str | os.PathLike) -> None:
+    """Copy the encoder of the model file ``path`` (either family) into ``model`` (`train --init-encoder`); an
+    encoder of another shape (f, c, widths, blocks) is refused."""
+    path = resolve_model(path)
+    meta, tensors = read_model_file(path)
+
+    def shape(c: DGAEConfig) -> str:
+        return (f"f{c.downsample} c{c.latent_channels}, {c.enc_channels} channels x {list(c.enc_ch_mult)}, "
+                f"{c.enc_res_blocks} blocks per level")
+
+    if shape(config_of(meta, path)) != shape(model.config):
+        raise InputError(f"{path}: its encoder ({shape(config_of(meta, path))}) does not fit the model's "
+                         f"({shape(model.config)})")
+    model.encoder.load_state_dict({k[len("encoder."):]: v.float() for k, v in tensors.items()
+                                   if k.startswith("encoder.")})
 
 
 def build_model(config: DGAEConfig) -> Tokenizer:
@@ -404,5 +472,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: torch.devi
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{path}: model file does not match its config ({str(exc).splitlines()[0]})") from None
     model.file_hash = file_sha256(path)
+    if "latent_stats" in meta:  # files written before issue 15 have none
+        try:
+            stats = LatentStats.from_json(meta["latent_stats"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: unreadable latent statistics ({exc})") from None
+        model.latent_stats = check_stats(config, stats, path)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     return model.compile_networks(compile) if compile else model

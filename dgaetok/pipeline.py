@@ -21,6 +21,7 @@ from .errors import InputError
 from .files import (IMAGE_SUFFIXES, center_crop, crop_meta, find_files, open_image, read_latent, save_png,
                     to_tensor, write_latent)
 from .models import Tokenizer
+from .stats import LatentStats
 
 
 @dataclass
@@ -130,11 +131,16 @@ def encode_folder(
     overwrite: bool = False,
     seed: int = 0,
     workers: int = 4,
+    normalize: bool = False,
 ) -> Iterator[Item]:
-    """Encode images to one latent file each; existing outputs are skipped unless ``overwrite``."""
+    """Encode images to one latent file each; existing outputs are skipped unless ``overwrite``. ``normalize``
+    writes ``model.normalize(z)`` and records the statistics in the metadata (``normalized``, ``latent_stats``), so
+    that `decode_folder` and `load_latent` undo it."""
     cfg = model.config
     device = next(model.parameters()).device
     model_meta = {"model_hash": model.file_hash, "model_config": cfg.to_json(), "dgaetok_version": __version__}
+    if normalize:
+        model_meta |= {"normalized": "true", "latent_stats": model.require_stats().to_json()}
 
     def source(src: Path) -> str:
         return str(src.relative_to(src_root) if src_root.is_dir() else src.name)
@@ -158,6 +164,8 @@ def encode_folder(
             if sample:  # noise per image, so a file's latent does not depend on batching or on a resumed run
                 noise = torch.stack([_posterior_noise(seed, source(src), z.shape[1:]) for src, _, _ in batch])
                 z = dist.mean + dist.std * noise.to(z.device)
+            if normalize:
+                z = model.normalize(z)
 
         def write(src: Path, dst: Path, i: int) -> None:
             meta = {**model_meta, **crop_meta(batch[i][2][1]), "sampled": json.dumps(sample),
@@ -183,6 +191,19 @@ def check_latent(model: Tokenizer, path: Path, latent: torch.Tensor, meta: dict[
         raise InputError(f"{path}: latent has {latent.shape[0]} channels, the model expects {c}")
 
 
+def load_latent(model: Tokenizer, path: Path) -> torch.Tensor:
+    """A latent file as ``model`` decodes it: checked to be ``model``'s (`check_latent`), and denormalised with
+    the statistics it records when `encode --normalize` wrote it."""
+    latent, meta = read_latent(path)
+    check_latent(model, path, latent, meta)
+    if meta.get("normalized") == "true":
+        try:
+            latent = LatentStats.from_json(meta["latent_stats"]).denormalize(latent)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InputError(f"{path}: marked normalized, but its latent statistics are unreadable ({exc})") from None
+    return latent
+
+
 def decode_folder(
     model: Tokenizer,
     job: Job,
@@ -199,9 +220,7 @@ def decode_folder(
     device = next(model.parameters()).device
 
     def load(path: Path):
-        latent, meta = read_latent(path)
-        check_latent(model, path, latent, meta)
-        return (latent,)
+        return (load_latent(model, path),)
 
     yield from job.conflicts
     for finished, batch in _batches(job.pairs, load, batch_size, overwrite, workers):

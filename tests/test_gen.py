@@ -264,3 +264,28 @@ def test_bench_gen_reads_encode_folders(tmp_path, labelled, tiny_model_file):
     assert changed.exit_code == 2 and "other evaluation settings (decode_steps 2 -> 3)" in changed.stderr
     swapped = bench(labelled, tiny_model_file, out, "--steps", "4")  # same DiT folder, latents from elsewhere
     assert swapped.exit_code == 2 and "other settings" in swapped.stderr
+
+
+def test_bench_gen_uses_the_model_files_statistics(tmp_path, labelled, tiny_model_file):
+    """With statistics in the model file, the DiT trains on them and bench gen keeps no copy of its own; a DiT
+    trained on statistics computed here is refused rather than continued on other ones."""
+    from dgaetok.models import save_with_stats
+    from dgaetok.stats import LatentStats
+
+    out = tmp_path / "gen"
+    assert bench(labelled, tiny_model_file, out, "--steps", "2").exit_code == 0
+    stats = LatentStats((0.1, 0.2, 0.3, 0.4), (1.0, 2.0, 3.0, 4.0), 8, "test")
+    (tmp_path / "m").mkdir()
+    with_stats = tmp_path / "m" / tiny_model_file.name  # the same name: the same DiT folder
+    save_with_stats(tiny_model_file, stats, with_stats)
+    refused = bench(labelled, with_stats, out, "--steps", "4")
+    assert refused.exit_code == 2 and "latent statistics from the model file" in refused.stderr
+
+    fresh = tmp_path / "fresh"
+    assert bench(labelled, with_stats, fresh, "--steps", "2").exit_code == 0
+    name = tiny_model_file.stem
+    with safe_open(str(fresh / name / "latents.safetensors"), framework="pt") as fh:
+        assert "mean" not in fh.keys() and "std" not in fh.keys()
+    with safe_open(str(fresh / name / "dit.safetensors"), framework="pt") as fh:
+        assert fh.get_tensor("latent_mean").tolist() == pytest.approx(list(stats.mean))
+        assert fh.get_tensor("latent_std").tolist() == pytest.approx(list(stats.std))
