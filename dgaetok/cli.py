@@ -267,6 +267,39 @@ def train(
 
 @app.command()
 @user_errors
+def convert(
+    src: Path = typer.Argument(..., help="An SD-VAE checkpoint: LDM/CompVis .ckpt or .safetensors, or a diffusers "
+                               "AutoencoderKL folder; with --to diffusers, a dgaetok sdvae model file."),
+    output: Path = typer.Option(..., "-o", "--output", help="The model file to write (with --to diffusers: a "
+                                "folder)."),
+    to: str = typer.Option("dgaetok", "--to", help="dgaetok: import SRC; diffusers: export the model file SRC."),
+    resolution: Optional[int] = typer.Option(None, min=1, help="Default encoding size (default: diffusers' "
+                                             "sample_size, else 256)."),
+    scaling_factor: Optional[float] = typer.Option(None, min=1e-12, help="Latent scale as diffusers states it "
+                                                   "(SD: 0.18215); overrides the checkpoint's."),
+    shift_factor: Optional[float] = typer.Option(None, help="Latent shift as diffusers states it (with "
+                                                 "--scaling-factor)."),
+):
+    """Import an SD-VAE checkpoint as a dgaetok model file, or export one to a diffusers folder."""
+    from .convert import convert as run_convert, export_diffusers
+
+    if to == "diffusers":
+        path = export_diffusers(load(str(src), torch.device("cpu")), output)
+        console.print(f"wrote {escape(str(path))} (config.json, diffusion_pytorch_model.safetensors)", highlight=False)
+        return
+    if to != "dgaetok":
+        raise InputError(f"--to {to}: choose dgaetok or diffusers")
+    model, layout = run_convert(src, output, resolution, scaling_factor, shift_factor)
+    c, stats = model.config, model.latent_stats
+    scale = (f"scaling_factor {stats.scaling_factor:.6g}, shift_factor {stats.shift_factor:.6g} ({stats.source})"
+             if stats is not None else "no latent statistics (add them with `dgaetok stats`)")
+    console.print(f"wrote {escape(str(output))}: sdvae f{c.downsample} c{c.latent_channels}, {c.enc_channels} channels "
+                  f"x {list(c.enc_ch_mult)}, {c.enc_res_blocks} blocks per level, from the {layout} layout; "
+                  f"{escape(scale)}", highlight=False)
+
+
+@app.command()
+@user_errors
 def stats(
     data: Path = typer.Argument(..., help="Folder of images to measure on (e.g. the tokenizer's training data)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
