@@ -241,6 +241,12 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    init_encoder: Optional[str] = typer.Option(None, "--init-encoder", help="Start the encoder from this model "
+                                               "file's (same f, c and encoder shape, e.g. a converted SD-VAE)."),
+    freeze_encoder: int = typer.Option(0, "--freeze-encoder", min=0, help="Keep that encoder fixed for the "
+                                       "first N steps."),
+    stats_images: int = typer.Option(256, min=0, help="Latent statistics in the final model file, over this many "
+                                     "images of DATA spread evenly (0: none)."),
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
@@ -255,7 +261,8 @@ def train(
         arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
-        workers=workers, seed=seed, resume=resume, device=device, compile=compile,
+        workers=workers, seed=seed, resume=resume, device=device, compile=compile, init_encoder=init_encoder,
+        freeze_encoder=freeze_encoder, stats_images=stats_images,
     )
     try:
         run_training(cfg)

@@ -35,7 +35,8 @@ from .data import DrawSampler, ImageFolder
 from .errors import InputError
 from .files import atomic_path, save_grid
 from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
-from .models import ARCHS, MODELS, Tokenizer, autocast, build_model, save_model
+from .models import ARCHS, MODELS, Tokenizer, autocast, build_model, load_encoder, save_model
+from .stats import measure_folder
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
     compile: str | None = None  # a models.COMPILE_MODES mode: torch.compile the encoder and decoder (None: eager)
+    # the encoder from another model file (same f, c and encoder shape), optionally frozen for the first N steps
+    init_encoder: str | None = None
+    freeze_encoder: int = 0
+    stats_images: int = 256  # latent statistics in the final model.safetensors, over this many images (0: none)
 
     def model_config(self):
         if self.arch is not None and self.arch not in ARCHS:
@@ -251,6 +256,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     after each optimizer step; an exception it raises stops the run after a checkpoint, like Ctrl-C does."""
     if cfg.rec_loss not in ("l1", "l2"):
         raise InputError(f"rec_loss {cfg.rec_loss!r}: choose l1 or l2")
+    if cfg.freeze_encoder and not cfg.init_encoder:
+        raise InputError("freezing the encoder needs an encoder to start from (--init-encoder)")
     rank, world, device = distributed_setup(cfg.device)
     if cfg.batch_size % world:
         raise InputError(f"batch size {cfg.batch_size} does not split over {world} processes")
@@ -261,6 +268,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     model = build_model(cfg.model_config()).to(device)
+    if cfg.init_encoder:
+        load_encoder(model, cfg.init_encoder)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
         model.compile_networks(cfg.compile)
@@ -315,6 +324,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                 loss, logs = loss_fn(net, x, generator, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if step < cfg.freeze_encoder:  # no gradient: AdamW then leaves those weights alone, decay included
+                for p in model.encoder.parameters():
+                    p.grad = None
             grad_norm = clip_or_diverge(model.parameters(), cfg.grad_clip, "autoencoder", step, out)
             in_update = True
             opt.step()
@@ -371,6 +383,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             progress.close()
         if log_file is not None:
             log_file.close()
+    if is_main and cfg.stats_images:  # the exported model carries its latents' statistics
+        ema.latent_stats = measure_folder(ema, cfg.data, cfg.stats_images)
+        save_model(ema, out / "model.safetensors", step=str(step))
     return ema
 
 

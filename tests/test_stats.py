@@ -129,3 +129,12 @@ def test_cli_stats_encode_normalize_and_decode(sdvae_file, photos, tmp_path):
     assert "not a file path" in run("stats", photos, "--model", sdvae_file, "-o", tmp_path / "nowhere" / "m",
                                     code=2).stderr
 
+
+def test_train_exports_its_model_with_statistics(tmp_path, train_photos):
+    from test_train import tiny_config
+    from dgaetok.train import train
+
+    ema = train(tiny_config(train_photos, tmp_path / "run", steps=1, stats_images=3))
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.latent_stats is not None and model.latent_stats.images == 3
+    assert model.latent_stats == ema.latent_stats
