@@ -93,6 +93,12 @@ COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA
                 "Compiling takes a minute or more; it pays on long jobs.")
 
 
+def check_output_file(path: Path) -> None:
+    """An output file must go into a folder that exists (outputs are written to a temporary sibling first)."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise InputError(f"{path}: not a file path in an existing folder")
+
+
 def note_single_step(model) -> None:
     if model.single_step:
         console.print(f"note: {model.config.arch} decodes in one step; --steps, --sampler, --shift and --seed "
@@ -167,7 +173,7 @@ def decode(
 def info(file: Path = typer.Argument(..., help="A model or latent .safetensors file.")):
     """Show what a model or latent file holds."""
     from .files import LATENT_FORMAT, read_latent
-    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_model_file
+    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_model_file, read_stats
 
     from safetensors import safe_open
 
@@ -190,6 +196,9 @@ def info(file: Path = typer.Argument(..., help="A model or latent .safetensors f
         table.add_row("latent", f"{config.latent_channels} x {config.resolution // config.downsample}^2 "
                                 f"(f{config.downsample}, {len(tensors)} tensors)")
         table.add_row("params", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+        if (stats := read_stats(meta, config, file)) is not None:
+            table.add_row("latent scale", f"scaling_factor {stats.scaling_factor:.6g}, shift_factor "
+                                          f"{stats.shift_factor:.6g} ({stats.images} images)")
         for key, value in sorted(meta.items()):
             table.add_row(Text(key), Text(value))
     elif kind == LATENT_FORMAT:
@@ -296,6 +305,7 @@ def convert(
         return
     if to != "dgaetok":
         raise InputError(f"--to {to}: choose dgaetok or diffusers")
+    check_output_file(output)
     model, layout = run_convert(src, output, resolution, scaling_factor, shift_factor)
     c, stats = model.config, model.latent_stats
     scale = (f"scaling_factor {stats.scaling_factor:.6g}, shift_factor {stats.shift_factor:.6g} ({stats.source})"
@@ -322,8 +332,7 @@ def stats(
     from .stats import measure_folder
 
     src = resolve_model(model)
-    if output.is_dir() or not output.parent.is_dir():
-        raise InputError(f"{output}: not a file path in an existing folder")
+    check_output_file(output)
     m = load(model, pick_device(device))
     skipped = []
     total = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))

@@ -189,7 +189,8 @@ def check_diffusers_config(config: dict, ours: DGAEConfig, src: str) -> None:
     expected = {
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
         "mid_block_add_attention": True, "latent_channels": ours.latent_channels,
-        "layers_per_block": ours.enc_res_blocks, "block_out_channels": [ours.enc_channels * m for m in ours.enc_ch_mult],
+        "layers_per_block": ours.enc_res_blocks,
+        "block_out_channels": [ours.enc_channels * m for m in ours.enc_ch_mult],
         "down_block_types": ["DownEncoderBlock2D"] * len(ours.enc_ch_mult),
         "up_block_types": ["UpDecoderBlock2D"] * len(ours.enc_ch_mult),
     }

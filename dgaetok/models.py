@@ -424,6 +424,17 @@ def check_stats(config: DGAEConfig, stats: LatentStats, path: str | os.PathLike)
     return stats
 
 
+def read_stats(meta: dict[str, str], config: DGAEConfig, path: str | os.PathLike) -> LatentStats | None:
+    """The latent statistics in a model file's metadata; None in files without (all before issue 15)."""
+    if "latent_stats" not in meta:
+        return None
+    try:
+        stats = LatentStats.from_json(meta["latent_stats"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable latent statistics ({exc})") from None
+    return check_stats(config, stats, path)
+
+
 def config_of(meta: dict[str, str], path: str | os.PathLike) -> DGAEConfig:
     """The config in a model file's metadata (from `read_model_file`)."""
     try:
@@ -472,11 +483,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: torch.devi
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{path}: model file does not match its config ({str(exc).splitlines()[0]})") from None
     model.file_hash = file_sha256(path)
-    if "latent_stats" in meta:  # files written before issue 15 have none
-        try:
-            stats = LatentStats.from_json(meta["latent_stats"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{path}: unreadable latent statistics ({exc})") from None
-        model.latent_stats = check_stats(config, stats, path)
+    model.latent_stats = read_stats(meta, config, path)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     return model.compile_networks(compile) if compile else model
