@@ -300,8 +300,12 @@ def convert(
     from .convert import convert as run_convert, export_diffusers
 
     if to == "diffusers":
-        path = export_diffusers(load(str(src), torch.device("cpu")), output)
+        model = load(str(src), torch.device("cpu"))
+        path = export_diffusers(model, output)
         console.print(f"wrote {escape(str(path))} (config.json, diffusion_pytorch_model.safetensors)", highlight=False)
+        if model.latent_stats is None:
+            console.print(f"note: {escape(str(src))} has no latent statistics, so config.json says scaling_factor 1.0; "
+                          f"`dgaetok stats` measures them", highlight=False)
         return
     if to != "dgaetok":
         raise InputError(f"--to {to}: choose dgaetok or diffusers")

@@ -83,6 +83,12 @@ def test_export_to_diffusers_matches_autoencoderkl_and_round_trips(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    save_model(model, tmp_path / "bare.safetensors")
+    bare = CliRunner().invoke(app, ["convert", str(tmp_path / "bare.safetensors"), "--to", "diffusers", "-o",
+                                    str(tmp_path / "bare")])
+    assert bare.exit_code == 0 and "no latent statistics" in bare.stderr
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["scaling_factor"] == 1.0
+
     model.latent_stats = LatentStats((0.1, -0.2, 0.3, 0.0), (1.0, 2.0, 0.5, 1.5), 10, "test")
     src = tmp_path / "sdvae-t.safetensors"
     save_model(model, src)
