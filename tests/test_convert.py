@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers  # the reference implementation, a test extra
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dgaetok.cli import app
-from dgaetok.convert import convert, export_diffusers, export_state_dict, import_checkpoint
+from dgaetok.convert import convert, export_state_dict, import_checkpoint
 from dgaetok.errors import InputError
 from dgaetok.models import DGAE, DGAE_T, SDVAE, SDVAE_T, load_model, save_model
 from dgaetok.stats import LatentStats
-
-diffusers = pytest.importorskip("diffusers")  # a test extra: `pip install -e ".[test]"`
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5
