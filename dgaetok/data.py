@@ -144,7 +144,8 @@ class DrawSampler(Sampler[int]):
     """
 
     def __init__(self, micro_batch: int, start_step: int = 0, rank: int = 0, world: int = 1, accum: int = 1):
-        self.micro_batch, self.start_step, self.rank, self.world, self.accum = micro_batch, start_step, rank, world, accum
+        self.micro_batch, self.start_step = micro_batch, start_step
+        self.rank, self.world, self.accum = rank, world, accum
 
     def shards(self) -> range:
         """This process's shards; shard ``rank * accum + j`` is micro-batch j of every step."""
