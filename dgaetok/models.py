@@ -48,7 +48,8 @@ class DGAEConfig(JsonConfig):
     ``arch`` is the family: "dgae" or "sdvae" (files written before SD-VAE existed have no ``arch`` and load as
     DGAE). ``enc_*`` configure the SD-VAE encoder (``enc_ch_mult`` None: derived from ``downsample``); an SD-VAE's
     decoder mirrors it, as LDM builds both from one config. ``unet_*`` configure DGAE's ADM decoder (see `UNet`
-    for each knob; unused by SD-VAE), ``resolution`` the training and default encoding size.
+    for each knob, ``unet_patch`` is its ``patch_size``; unused by SD-VAE), ``resolution`` the training and default
+    encoding size.
     """
 
     arch: str = "dgae"
@@ -62,6 +63,7 @@ class DGAEConfig(JsonConfig):
     unet_ch_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
     unet_res_blocks: int = 2
     unet_attention: tuple[int, ...] = ()
+    unet_patch: int = 1
     head_channels: int = 64
     dropout: float = 0.0
     preset: str = field(default="", compare=False)
@@ -76,6 +78,8 @@ class DGAEConfig(JsonConfig):
             object.__setattr__(self, "enc_ch_mult", ch_mult_for(self.downsample))
         if 2 ** (len(self.enc_ch_mult) - 1) != self.downsample:
             raise ValueError(f"enc_ch_mult {self.enc_ch_mult} does not downsample by {self.downsample}")
+        if self.unet_patch < 1 or self.downsample % self.unet_patch:
+            raise ValueError(f"unet_patch {self.unet_patch} must divide the downsample factor {self.downsample}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -151,11 +155,14 @@ class DGAE(Tokenizer):
             attention_resolutions=config.unet_attention,
             head_channels=config.head_channels,
             dropout=config.dropout,
+            patch_size=config.unet_patch,
         )
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest-upsample the latent to pixel size and project it with the decoder's first conv."""
-        return self.decoder.condition(F.interpolate(z, scale_factor=float(self.config.downsample), mode="nearest"))
+        """Nearest-upsample the latent to the U-Net's working size (pixel size, or 1/p of it with ``unet_patch``
+        p: the same values as upsampling to pixels and folding) and project it with the decoder's first conv."""
+        scale = self.config.downsample // self.config.unet_patch
+        return self.decoder.condition(F.interpolate(z, scale_factor=float(scale), mode="nearest"))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(x_t, t, self.condition(z.to(x_t.dtype)))

@@ -138,7 +138,9 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
     The backend follows the device: NCCL for CUDA, gloo for a CPU run (also on a machine that has GPUs).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(requested or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # "--device cuda": this process's GPU under torchrun
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         # Without this every rank's current device stays cuda:0: the DataLoader's pin-memory thread and NCCL
         # then open a CUDA context on GPU 0 per rank.
@@ -185,7 +187,7 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
         state = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
-    if meta["config"] != model.config.to_json():
+    if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: checkpoint is for another model config; use a fresh --out or the same options")
     now = {**dataclasses.asdict(cfg), "world": world}
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]

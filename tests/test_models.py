@@ -160,6 +160,7 @@ def test_posterior_clamps_extreme_log_variances():
 def reference_unet(unet, x, t, cond):
     """ADM's forward written the plain way: concatenate the condition and run the full first convolution."""
     emb = unet.time_embed(timestep_embedding(t, unet.model_channels).to(x.dtype))
+    x = F.pixel_unshuffle(x, unet.patch_size)
     h = F.conv2d(torch.cat([x, cond], dim=1), unet.input_conv.weight, unet.input_conv.bias, padding=1)
     skips = [h]
     for block in unet.input_blocks:
@@ -168,7 +169,7 @@ def reference_unet(unet, x, t, cond):
     h = unet.middle_block(h, emb)
     for block in unet.output_blocks:
         h = block(torch.cat([h, skips.pop()], dim=1), emb)
-    return unet.out(h)
+    return F.pixel_shuffle(unet.out(h), unet.patch_size)
 
 
 def test_condition_split_equals_convolving_the_concatenation():
@@ -189,6 +190,27 @@ def test_condition_split_equals_convolving_the_concatenation():
         assert ref.abs().max() > 1e-3  # the check is not vacuous: the decoder's output is not zero
         # the condition matters: another latent changes the velocity
         assert not torch.allclose(model.velocity(x_t, t, z + 1), ref)
+
+
+def test_patched_unet_runs_at_half_size_on_folded_pixels():
+    """unet_patch 2: pixels folded 2x2 into channels, the latent upsampled to the working size, unfolded after."""
+    model = tiny(unet_patch=2).double()
+    assert model.decoder.input_conv.in_channels == 3 * 4 + 4
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 3, 32, 48, generator=gen, dtype=torch.float64)
+    z = torch.randn(2, 4, 4, 6, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    z_up = F.interpolate(z, scale_factor=4.0, mode="nearest")  # f 8 / patch 2
+    # upsampling to pixels and folding gives each latent value 4 times: the same information
+    folded = F.pixel_unshuffle(F.interpolate(z, scale_factor=8.0, mode="nearest"), 2)
+    torch.testing.assert_close(folded[:, ::4], z_up, rtol=0, atol=0)
+    with torch.no_grad():
+        ref = reference_unet(model.decoder, x_t, t, z_up)
+        assert ref.shape == x_t.shape and ref.abs().max() > 1e-3
+        torch.testing.assert_close(model.velocity(x_t, t, z), ref, rtol=0, atol=1e-10)
+        assert model.float().decode(z[:1].float(), steps=2).shape == (1, 3, 32, 48)
+    with pytest.raises(ValueError, match="unet_patch"):
+        DGAE_T(unet_patch=16)
 
 
 # --- model files ----------------------------------------------------------------------------------------------
