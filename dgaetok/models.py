@@ -270,6 +270,19 @@ def DGAE_S(**kw) -> DGAEConfig:
     )
 
 
+def DGAE_S2(**kw) -> DGAEConfig:
+    """dgae-s's encoder and a U-Net on 2x2 pixel patches (DiT's "/2"), twice as wide: the bundled default's size.
+
+    About 39 GFLOP per decoder pass at 256x256, like dgae-s, but with 2x the decoder parameters (7.5M), since the
+    patches let the widths grow at the same cost: small enough to decode 8 steps in about 2 s on 2 CPU cores and to
+    travel as one 16 MiB file, wide enough to keep an H100 busy.
+    """
+    return DGAEConfig(
+        enc_channels=32, enc_res_blocks=1, unet_channels=64, unet_ch_mult=(1, 2, 2, 2), unet_res_blocks=1,
+        unet_patch=2, preset="dgae-s2", **kw,
+    )
+
+
 def DGAE_T(**kw) -> DGAEConfig:
     """A tiny DGAE for tests: seconds per step on a laptop CPU, nothing more."""
     kw.setdefault("resolution", 64)
@@ -281,7 +294,8 @@ def DGAE_T(**kw) -> DGAEConfig:
     )
 
 
-DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-t": DGAE_T}
+DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-s2": DGAE_S2,
+               "dgae-t": DGAE_T}
 
 
 # --- SD-VAE presets: LDM's autoencoder (ch 128, 2 residual blocks) at the latents the paper compares --------------
