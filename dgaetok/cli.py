@@ -215,7 +215,11 @@ def train(
     latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
                                                   help="Latent channels (default: the preset's, 8 for *-s)."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(96, help="Global batch, split over processes."),
+    batch_size: int = typer.Option(96, help="Global batch, split over processes, then into --accum micro-batches."),
+    accum: int = typer.Option(1, min=1, help="Gradient accumulation: micro-batches per process and step (the same "
+                                             "update as that many processes)."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute residual and attention blocks "
+                                         "in backward: much less activation memory for about a third more compute."),
     steps: int = typer.Option(100_000),
     lr: float = typer.Option(1e-4),
     min_lr: float = typer.Option(1e-5),
@@ -232,7 +236,8 @@ def train(
     ckpt_every: int = typer.Option(1000),
     sample_every: int = typer.Option(1000),
     sample_steps: int = typer.Option(25),
-    workers: int = typer.Option(4),
+    workers: int = typer.Option(4, min=0, help="DataLoader worker processes per GPU process decoding images "
+                                               "(pinned memory, kept alive between epochs; 0: decode in the loop)."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None),
@@ -246,7 +251,8 @@ def train(
         raise InputError(f"{data}: no such folder")
     cfg = TrainConfig(
         data=str(data), out=str(out_dir), preset=preset, resolution=resolution, downsample=downsample,
-        latent_channels=latent_channels, crop=crop, batch_size=batch_size, steps=steps, lr=lr, min_lr=min_lr,
+        latent_channels=latent_channels, crop=crop, batch_size=batch_size, accum=accum,
+        grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr,
         warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
         arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,

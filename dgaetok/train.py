@@ -7,12 +7,18 @@
 Both families run the same loop with the same autoencoder optimizer; SD-VAE adds a PatchGAN discriminator with its
 own optimizer, stepped after the autoencoder from ``disc_start`` on.
 
+The global batch is split into ``world * accum`` shards of equal size: each process holds ``accum`` of them and
+runs them one after the other as the micro-batches of gradient accumulation (`accumulate`). A shard's images and
+noise depend only on (seed, step, shard), so 1 process with ``accum`` 8 and 8 processes compute the same update,
+up to float rounding.
+
 Files in ``out``: ``model.safetensors`` (the EMA weights, usable by encode/decode), ``checkpoint.safetensors``
 (raw and EMA weights, and the discriminator's) with ``optimizer.pt`` (optimizer states) for ``--resume``,
 ``log.jsonl``, and ``samples/step-*.png`` reconstruction grids (top: originals, bottom: EMA reconstructions).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,7 +56,9 @@ class TrainConfig:
     latent_channels: int | None = None  # None: the preset's (8 for the DGAE presets and sdvae-s)
     crop: int | None = None  # train on random crops of this size (None: the full resolution)
     # optimisation (the paper's recipe)
-    batch_size: int = 96  # global: split over processes
+    batch_size: int = 96  # global: split over processes, then into accum micro-batches
+    accum: int = 1  # micro-batches per process and step (gradient accumulation; see the module docstring)
+    grad_checkpoint: bool = False  # recompute blocks in backward to save memory (`Tokenizer.set_grad_checkpointing`)
     steps: int = 100_000
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -152,8 +160,15 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
-# Settings that decide which images and noise each step sees: changing them breaks an exact resume.
-RESUME_KEYS = ("batch_size", "seed", "world", "resolution", "crop")
+# Settings that decide which images and noise each step sees: changing them breaks an exact resume. "shards" is
+# world * accum: a run may continue with another split of its shards (8 processes -> 1 with accum 8), which
+# changes only the float rounding of the summed gradients.
+RESUME_KEYS = ("batch_size", "seed", "shards", "resolution", "crop")
+
+
+def run_settings(cfg: TrainConfig, world: int) -> dict:
+    """The config as a checkpoint records it, with the run's process count and shard count."""
+    return {**dataclasses.asdict(cfg), "world": world, "shards": world * cfg.accum}
 
 
 def save_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str, torch.optim.Optimizer], step: int,
@@ -163,7 +178,7 @@ def save_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     ``opts`` maps names to optimizers ("optimizer", and "disc_optimizer" for SD-VAE); ``disc`` is SD-VAE's
     discriminator, stored as ``disc.*`` tensors beside ``model.*`` and ``ema.*``.
     """
-    meta = {"step": str(step), "train_config": json.dumps({**dataclasses.asdict(cfg), "world": world})}
+    meta = {"step": str(step), "train_config": json.dumps(run_settings(cfg, world))}
     with atomic_path(out / "optimizer.pt") as tmp:
         torch.save({"step": step, **{name: o.state_dict() for name, o in opts.items()}}, tmp)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -189,7 +204,8 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: checkpoint is for another model config; use a fresh --out or the same options")
-    now = {**dataclasses.asdict(cfg), "world": world}
+    now = run_settings(cfg, world)
+    saved.setdefault("shards", saved["world"] * saved.get("accum", 1))  # checkpoints from before accumulation
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     if changed:
         raise InputError(f"{path}: cannot resume exactly with changed settings ({', '.join(changed)})")
@@ -214,6 +230,25 @@ def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int, path: Path, se
     z = ema.encode(batch).latent_dist.mode()
     recon = ema.decode(z, steps=steps, generator=torch.Generator().manual_seed(seed))
     save_grid(torch.cat([batch.cpu(), recon.cpu()]), len(batch), path)
+
+
+def accumulate(net: torch.nn.Module, micro_batches: tuple[torch.Tensor, ...],
+               loss_of: Callable[[int, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward and backward ``loss_of(j, micro_batches[j])`` for each micro-batch, the loss divided by their
+    number: the losses are means over images and the micro-batches are equal in size, so the gradients add up to
+    those of the mean over the process's batch. Under DDP the gradients are all-reduced once, with the last
+    micro-batch's backward (`no_sync` before). Returns the logs averaged over the micro-batches."""
+    n, logs = len(micro_batches), {}
+    for j, x in enumerate(micro_batches):
+        sync = net.no_sync() if j < n - 1 and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
+        with sync:
+            with autocast(device):
+                loss, micro_logs = loss_of(j, x)
+            (loss / n).backward()
+        for k, v in micro_logs.items():
+            logs[k] = logs[k] + v / n if k in logs else v / n
+    return logs
 
 
 def clip_or_diverge(params, max_norm: float, what: str, step: int, out: Path) -> torch.Tensor:
@@ -254,15 +289,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if cfg.rec_loss not in ("l1", "l2"):
         raise InputError(f"rec_loss {cfg.rec_loss!r}: choose l1 or l2")
     rank, world, device = distributed_setup(cfg.device)
-    if cfg.batch_size % world:
-        raise InputError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    shards = world * cfg.accum
+    if cfg.accum < 1 or cfg.batch_size % shards:
+        raise InputError(f"batch size {cfg.batch_size} does not split into {world} process(es) x {cfg.accum} "
+                         "micro-batch(es) of equal size")
     out = Path(cfg.out)
     is_main = rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = build_model(cfg.model_config()).to(device)
+    model = build_model(cfg.model_config()).to(device).set_grad_checkpointing(cfg.grad_checkpoint)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
         model.compile_networks(cfg.compile)
@@ -291,10 +328,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None
 
     dataset = ImageFolder(cfg.data, cfg.resolution, cfg.crop, cfg.seed)
-    per_rank = cfg.batch_size // world
-    loader = iter(DataLoader(dataset, per_rank, sampler=DrawSampler(per_rank, step, rank, world),
-                             num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                             persistent_workers=cfg.workers > 0))
+    micro = cfg.batch_size // shards
+    sampler = DrawSampler(micro, step, rank, world, cfg.accum)
+    loader = iter(DataLoader(dataset, micro * cfg.accum, sampler=sampler, num_workers=cfg.workers,
+                             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
     fixed = dataset.fixed_batch(cfg.sample_count).to(device) if is_main and cfg.sample_count else None
     generator = torch.Generator(device)
     progress = _Progress(cfg.steps, step) if is_main else None
@@ -312,23 +349,31 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             for o in opts.values():
                 for group in o.param_groups:
                     group["lr"] = lr
-            generator.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            with autocast(device):
+            micro_x, recons = x.split(micro), []
+
+            def shard_loss(j: int, x: torch.Tensor):
+                # shard rank * accum + j draws its noise as if it were a process of its own
+                generator.manual_seed(cfg.seed * 1_000_003 + step * shards + sampler.shards()[j])
                 loss, logs = loss_fn(net, x, generator, step)
+                recons.append(getattr(loss_fn, "recon", None))  # SD-VAE: the discriminator's fakes
+                return loss, logs
+
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            logs = accumulate(net, micro_x, shard_loss, device)
             grad_norm = clip_or_diverge(model.parameters(), cfg.grad_clip, "autoencoder", step, out)
             in_update = True
             opt.step()
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
-            if gan and loss_fn.gan_active(step):  # SD-VAE: then the discriminator, on the same batch
-                with autocast(device):
-                    d_loss, d_logs = loss_fn.discriminator_loss(disc_net, x)
+            if gan and loss_fn.gan_active(step):  # SD-VAE: then the discriminator, on the same micro-batches
+
+                def disc_loss(j: int, x: torch.Tensor):
+                    loss_fn.recon = recons[j]  # discriminator_loss scores the last reconstruction: micro-batch j's
+                    return loss_fn.discriminator_loss(disc_net, x)
+
                 opts["disc_optimizer"].zero_grad(set_to_none=True)
-                d_loss.backward()
+                logs |= accumulate(disc_net, micro_x, disc_loss, device)
                 clip_or_diverge(disc.parameters(), math.inf, "discriminator", step, out)
                 opts["disc_optimizer"].step()
-                logs |= d_logs
             step += 1
             in_update = False
             seen += x.shape[0] * world

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import group_norm
+from .vae import Checkpointed, group_norm
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -26,7 +26,7 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class ResBlock(nn.Module):
+class ResBlock(Checkpointed):
     """ADM residual block: time-embedding scale-shift norm and optional 2x resampling inside the block."""
 
     def __init__(self, in_ch: int, emb_ch: int, out_ch: int, dropout: float = 0.0, updown: str | None = None):
@@ -47,7 +47,7 @@ class ResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2.0, mode="nearest")
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_conv(self.resample(F.silu(self.in_norm(x))))
         x = self.resample(x)
         scale, shift = self.emb(F.silu(emb))[..., None, None].chunk(2, dim=1)
@@ -56,7 +56,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(Checkpointed):
     """Multi-head spatial self-attention over all H*W positions, heads of `head_channels` each."""
 
     def __init__(self, channels: int, head_channels: int = 64):
@@ -66,7 +66,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (b, heads, hw, d)

@@ -70,3 +70,16 @@ def test_table2_driver_trains_pauses_resumes_and_tabulates(tmp_path, shared_data
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     assert again.returncode == 0, again.stderr
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_data_overhead_benchmark_runs_small(tmp_path):
+    out = tmp_path / "data.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "data_overhead.py"), "--files", "5000", "--draws", "2000",
+           "--resolution", "64", "--tree", "3", "4", "--out", str(out)]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "", "TMPDIR": str(tmp_path)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["sampling"]["files"] == 5000 and result["sampling"]["sampling_us_per_image"] > 0
+    assert result["listing"]["files"] == 12 and result["listing"]["find_files_s"] > 0
+    assert not list(tmp_path.glob("dgaetok-tree-*"))  # the tree is deleted
