@@ -258,6 +258,12 @@ def autocast(device: torch.device | str):
     return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device, so that wall-clock timings cover the work queued on it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # --- presets: decoder sizes as in the paper's Table 1; the latent (downsample, latent_channels) is a kwarg ----
 
 
