@@ -396,13 +396,18 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one."""
+def read_model_file(path: str | os.PathLike,
+                    shards_ok: bool = False) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one (or for a
+    shard of one, unless ``shards_ok``)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise InputError(f"{path}: not a dgaetok model file (metadata format {meta.get('format')!r})")
+            if "shard" in meta and not shards_ok:
+                raise InputError(f"{path}: shard {meta['shard']} of a model file; join the shards first "
+                                 "(dgaetok.models.join_model_files)")
             return meta, {k: fh.get_tensor(k) for k in fh.keys()}
     except InputError:
         raise
@@ -417,6 +422,46 @@ def save_model(model: Tokenizer, path: str | os.PathLike, dtype: torch.dtype | N
     metadata = {"format": FORMAT, "config": model.config.to_json(), **meta}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def split_model_file(src: str | os.PathLike, folder: str | os.PathLike, max_bytes: int = 16 * 2**20,
+                     dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """Write a model file as model files of at most ``max_bytes`` each, for transports that cap file sizes (a
+    device call returns files of 16 MiB at most). Shard i of n is ``<stem>.shard-i-of-n.safetensors`` with the
+    tensors in ``dtype``, the metadata of ``src`` and ``shard`` = "i/n"; `join_model_files` puts them back."""
+    meta, tensors = read_model_file(src)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    room = max_bytes - 64 * 2**10 - len(json.dumps(meta))  # the header: metadata and ~100 bytes per tensor
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    for key, value in tensors.items():
+        size = value.numel() * value.element_size()
+        if size > room:
+            raise InputError(f"{src}: tensor {key} ({size} bytes) does not fit a {max_bytes}-byte shard")
+        if sum(t.numel() * t.element_size() for t in groups[-1].values()) + size > room:
+            groups.append({})
+        groups[-1][key] = value
+    folder, stem = Path(folder), Path(src).name.removesuffix(".safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, group in enumerate(groups, 1):
+        paths.append(folder / f"{stem}.shard-{i}-of-{len(groups)}.safetensors")
+        with atomic_path(paths[-1]) as tmp:
+            save_file(group, str(tmp), metadata={**meta, "shard": f"{i}/{len(groups)}"})
+    return paths
+
+
+def join_model_files(shards: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
+    """One model file from the shards `split_model_file` wrote (all of them, in any order)."""
+    parts = [read_model_file(path, shards_ok=True) for path in shards]
+    counts = {meta.get("shard", "").split("/")[-1] for meta, _ in parts}
+    found = sorted(int(meta.get("shard", "0/0").split("/")[0]) for meta, _ in parts)
+    if len(counts) != 1 or found != list(range(1, int(counts.pop() or 0) + 1)):
+        raise InputError(f"{dst}: the shards given are not one complete set (found shards {found})")
+    meta = {k: v for k, v in parts[0][0].items() if k != "shard"}
+    tensors = {k: v for _, part in parts for k, v in part.items()}
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(dst)
 
 
 def build_model(config: DGAEConfig) -> Tokenizer:

@@ -157,7 +157,8 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
         # Without this every rank's current device stays cuda:0: the DataLoader's pin-memory thread and NCCL
         # then open a CUDA context on GPU 0 per rank.
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun: any size
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
@@ -400,7 +401,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     else:
         loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight).to(device)
     wrap = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else m  # noqa: E731
+        if dist.is_initialized() else m  # noqa: E731
     net = wrap(model)
     disc_net = wrap(disc) if gan else None
     watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None

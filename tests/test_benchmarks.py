@@ -83,3 +83,19 @@ def test_data_overhead_benchmark_runs_small(tmp_path):
     assert result["sampling"]["files"] == 5000 and result["sampling"]["sampling_us_per_image"] > 0
     assert result["listing"]["files"] == 12 and result["listing"]["find_files_s"] > 0
     assert not list(tmp_path.glob("dgaetok-tree-*"))  # the tree is deleted
+
+
+def test_the_time_guard_interrupts_work_in_python():
+    """What stops a compile that runs past --compile-guard: compiling spends its time in Python."""
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    with pytest.raises(throughput.OutOfTime, match="stopped after 0 s: a test"):
+        with throughput.time_limit(0.2, "a test"):
+            while True:
+                pass
+    with pytest.raises(throughput.OutOfTime, match="skipped: none left"):
+        with throughput.time_limit(0, "none left"):
+            pass
+    with throughput.time_limit(None, "no limit"):
+        pass

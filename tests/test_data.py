@@ -119,7 +119,9 @@ def test_shards_make_accumulation_and_processes_see_the_same_images():
     assert DrawSampler(3, rank=1, world=2, accum=2).draws(2) == one[6:12]
 
 
-def device_images_equal_the_folder(device: str, train_photos) -> None:
+def test_device_images_make_the_folders_batches(train_photos):
+    """(tests/test_cuda.py checks the same on a GPU.)"""
+    device = "cpu"
     (train_photos / "broken.jpg").write_bytes(b"not a jpeg")  # skipped the same way on both paths
     data = ImageFolder(train_photos, 48, crop=32, seed=3)
     with pytest.warns(UserWarning, match="broken.jpg"):
@@ -132,16 +134,6 @@ def device_images_equal_the_folder(device: str, train_photos) -> None:
     got = resident.batch(draws)
     assert got.device.type == device and got.dtype == torch.float32
     assert torch.equal(got.cpu(), expected)  # the same files, crops and flips, bit for bit
-
-
-def test_device_images_make_the_folders_batches(train_photos):
-    device_images_equal_the_folder("cpu", train_photos)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_images_on_the_gpu_make_the_folders_batches(train_photos):
-    device_images_equal_the_folder("cuda", train_photos)
 
 
 def test_device_images_need_a_readable_image(tmp_path):

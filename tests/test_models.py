@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from dgaetok.errors import InputError
 from dgaetok.models import (
-    DGAE, DGAE_T, DGAEConfig, DGAE_models, file_sha256, load_model, resolve_model, save_model,
+    DGAE, DGAE_T, DGAEConfig, DGAE_models, file_sha256, join_model_files, load_model, read_model_file,
+    resolve_model, save_model, split_model_file,
 )
 from dgaetok.unet import timestep_embedding
 from dgaetok.vae import DiagonalGaussian, ch_mult_for
@@ -345,3 +346,20 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients(arch):
     with torch.no_grad():
         z = model.encode(x).latent_dist.mode()
         assert torch.equal(z, plain.encode(x).latent_dist.mode())
+
+
+def test_split_and_join_model_files(tmp_path):
+    model = tiny(2)
+    src = tmp_path / "m.safetensors"
+    save_model(model, src, note="x")
+    shards = split_model_file(src, tmp_path / "out", max_bytes=700_000)
+    assert len(shards) > 1 and all(p.stat().st_size <= 700_000 for p in shards)
+    assert shards[0].name == f"m.shard-1-of-{len(shards)}.safetensors"
+    with pytest.raises(InputError, match=f"shard 1/{len(shards)} of a model file"):
+        load_model(shards[0])
+    with pytest.raises(InputError, match="not one complete set"):
+        join_model_files(shards[1:], tmp_path / "j.safetensors")
+    joined = load_model(join_model_files(list(reversed(shards)), tmp_path / "j.safetensors"))
+    for (name, p), q in zip(model.state_dict().items(), joined.state_dict().values()):
+        torch.testing.assert_close(q, p.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)  # stored in bf16
+    assert read_model_file(tmp_path / "j.safetensors")[0]["note"] == "x"
