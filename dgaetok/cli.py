@@ -242,6 +242,13 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    data_on_device: bool = typer.Option(False, "--data-on-device", help="Decode the images once and keep them on "
+                                        "the device as uint8 (small datasets: no decoding or copies per step; the "
+                                        "same crops as without)."),
+    minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget: stop then with a checkpoint; the "
+                                            "step count is set from the measured speed so the schedule ends there."),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start from this model file's weights "
+                                              "(same config; fresh optimizer and schedule)."),
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
@@ -257,7 +264,8 @@ def train(
         arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
-        workers=workers, seed=seed, resume=resume, device=device, compile=compile,
+        workers=workers, seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device,
+        minutes=minutes, warm_start=str(warm_start) if warm_start else None,
     )
     try:
         run_training(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -131,6 +132,51 @@ class ImageFolder(Dataset):
             if len(images) == n:
                 break
         return torch.stack(images)
+
+
+class DeviceImages:
+    """An `ImageFolder`'s images decoded once and kept on ``device`` as uint8, with its draws made on the host.
+
+    For small datasets and small models on a GPU, where decoding JPEGs and copying batches from the host would
+    otherwise bound the step time: `batch` cuts each draw's crop out of the resident image and flips it on the
+    device, taking file, crop and flip from the folder's pure per-draw methods (`ImageFolder.candidates`,
+    `ImageFolder.augmentation`). So ``batch(draws)`` equals ``torch.stack([folder[d] for d in draws])`` exactly,
+    unreadable files included (they are skipped the same way), and a run may switch between the two paths.
+    Nothing in `batch` waits for the device. ``workers`` threads decode the files at start.
+    """
+
+    def __init__(self, folder: ImageFolder, device: torch.device | str, workers: int = 8):
+        self.folder, self.device = folder, torch.device(device)
+
+        def load(index: int) -> torch.Tensor | None:
+            try:
+                return torch.from_numpy(np.asarray(folder.load(index), dtype=np.uint8).copy()).permute(2, 0, 1)
+            except InputError as exc:
+                warnings.warn(f"skipping {exc}", stacklevel=1)
+                return None
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes with the GIL released
+            host = list(pool.map(load, range(len(folder))))
+        if all(img is None for img in host):
+            raise InputError("no readable image in the training folder")
+        self.nbytes = sum(img.numel() for img in host if img is not None)
+        if self.device.type == "cuda" and self.nbytes > 0.5 * torch.cuda.mem_get_info(self.device)[0]:
+            raise InputError(f"{self.nbytes / 2**30:.1f} GiB of decoded training images would take over half of "
+                             f"the free memory of {self.device}; drop --data-on-device")
+        self.images = [None if img is None else img.to(self.device) for img in host]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, draws: list[int]) -> torch.Tensor:
+        """Images (B, 3, crop, crop) in [-1, 1] on the device, for ``draws`` as `ImageFolder` makes them."""
+        crop, crops = self.folder.crop, []
+        for draw in draws:
+            img = next(self.images[i] for i in self.folder.candidates(draw) if self.images[i] is not None)
+            aug = self.folder.augmentation(draw, (img.shape[2], img.shape[1]))
+            x = img[:, aug.top:aug.top + crop, aug.left:aug.left + crop]
+            crops.append(x.flip(-1) if aug.flip else x)
+        return torch.stack(crops).float().div(127.5).sub(1.0)  # as files.to_tensor
 
 
 class DrawSampler(Sampler[int]):

@@ -37,11 +37,11 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .data import DrawSampler, ImageFolder
+from .data import DeviceImages, DrawSampler, ImageFolder
 from .errors import InputError
 from .files import atomic_path, save_grid
 from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
-from .models import ARCHS, MODELS, Tokenizer, autocast, build_model, save_model
+from .models import ARCHS, MODELS, Tokenizer, autocast, build_model, read_model_file, save_model, synchronize
 
 
 @dataclass
@@ -95,6 +95,9 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
     compile: str | None = None  # a models.COMPILE_MODES mode: torch.compile the encoder and decoder (None: eager)
+    data_on_device: bool = False  # decode the images once and keep them on the device (`data.DeviceImages`)
+    minutes: float | None = None  # wall-time budget: stop then, and end the cosine schedule there (`Budget`)
+    warm_start: str | None = None  # a model file of the same config to start from (fresh optimizer and schedule)
 
     def model_config(self):
         if self.arch is not None and self.arch not in ARCHS:
@@ -126,7 +129,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=torch.cuda.is_available())
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters, no host sync
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 @torch.no_grad()
@@ -146,12 +150,15 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
     The backend follows the device: NCCL for CUDA, gloo for a CPU run (also on a machine that has GPUs).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(requested or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # "--device cuda": this process's GPU under torchrun
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         # Without this every rank's current device stays cuda:0: the DataLoader's pin-memory thread and NCCL
         # then open a CUDA context on GPU 0 per rank.
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun: any size
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
@@ -200,7 +207,7 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
         state = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
-    if meta["config"] != model.config.to_json():
+    if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: checkpoint is for another model config; use a fresh --out or the same options")
     now = run_settings(cfg, world)
     saved.setdefault("shards", saved["world"] * saved.get("accum", 1))  # checkpoints from before accumulation
@@ -213,6 +220,15 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     for name, o in opts.items():
         o.load_state_dict(state[name])
     return step
+
+
+def warm_start(model: Tokenizer, path: str | os.PathLike) -> None:
+    """Load a model file's weights into ``model`` (a new run that starts where another model is)."""
+    meta, tensors = read_model_file(path)
+    if type(model.config).from_json(meta["config"]) != model.config:
+        raise InputError(f"{path}: --warm-start needs a model of the same config; it holds "
+                         f"{meta['config']}, this run builds {model.config.to_json()}")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
 
 
 def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module | None]) -> None:
@@ -249,13 +265,74 @@ def accumulate(net: torch.nn.Module, micro_batches: tuple[torch.Tensor, ...],
     return logs
 
 
-def clip_or_diverge(params, max_norm: float, what: str, step: int, out: Path) -> torch.Tensor:
-    """Clip gradients and return their norm; non-finite gradients raise `Diverged`."""
-    try:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=True)
-    except RuntimeError:
-        raise Diverged(f"training diverged at step {step + 1} (non-finite {what} gradients); the checkpoint "
-                       f"in {out} is the last good state") from None
+class FiniteWatch:
+    """Clips gradients and remembers, on the device, the first step whose gradients were not finite.
+
+    Asking every step (``error_if_nonfinite``) would make the host wait for the GPU every step; instead `check`
+    is called where the host waits anyway (logging) and before anything is saved, so a checkpoint on disk always
+    holds finite weights from before the first bad step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.what = ""
+
+    def clip(self, params, max_norm: float, what: str, step: int) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        bad = ~torch.isfinite(norm) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step + 1, self.first_bad)
+        self.what = self.what or what  # which optimizer is only known for sure if it is always the same
+        return norm
+
+    def check(self, out: Path) -> None:
+        """Raise `Diverged` if some step so far had non-finite gradients."""
+        first = int(self.first_bad.item())
+        if first >= 0:
+            raise Diverged(f"training diverged at step {first} (non-finite gradients); the checkpoint in {out} is "
+                           "the last good state")
+
+
+def agree(value: int, world: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every process (itself when alone)."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor.item())
+
+
+class Budget:
+    """``--minutes``: a wall-time budget for the run (a lent GPU session, a CPU slot).
+
+    The loop stops with a checkpoint at the first log step after the budget is spent. So that the cosine schedule ends there rather than
+    being cut off, the step count is fixed once, from the measured speed of steps ``start + 5`` to ``start + 25``
+    (the first ones include compilation and warm-up), to what fits the rest of the budget, less 3% for the
+    sample grids and checkpoints. Warm-up steps do not depend on the step count, so a ``--warmup`` of 25 steps or
+    more makes the schedule exactly a cosine ending at the new count.
+    """
+
+    FROM, TO, MARGIN = 5, 25, 0.97
+
+    def __init__(self, minutes: float, start_step: int):
+        self.seconds, self.start = 60.0 * minutes, start_step
+        self.t0, self.t_from = time.perf_counter(), None
+        self.planned: int | None = None
+
+    def spent(self) -> bool:
+        return time.perf_counter() - self.t0 >= self.seconds
+
+    def plan(self, step: int, device: torch.device) -> int | None:
+        """After step ``step``: the step count that fills the budget, once, when the speed is known."""
+        if self.planned is not None or step not in (self.start + self.FROM, self.start + self.TO):
+            return None
+        synchronize(device)
+        now = time.perf_counter()
+        if step == self.start + self.FROM:
+            self.t_from = now
+            return None
+        rate = (self.TO - self.FROM) / (now - self.t_from)
+        self.planned = step + int(self.MARGIN * rate * (self.seconds - (now - self.t0)))
+        return self.planned
 
 
 class CollapseWatch:
@@ -297,7 +374,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = build_model(cfg.model_config()).to(device).set_grad_checkpointing(cfg.grad_checkpoint)
+    model = build_model(cfg.model_config())
+    if cfg.warm_start and not (cfg.resume and (out / "checkpoint.safetensors").exists()):
+        warm_start(model, cfg.warm_start)
+    # channels_last: cuDNN's and oneDNN's fast convolutions are NHWC; inputs are converted as they arrive
+    model = model.to(device, memory_format=torch.channels_last).set_grad_checkpointing(cfg.grad_checkpoint)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
         model.compile_networks(cfg.compile)
@@ -320,7 +401,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     else:
         loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight).to(device)
     wrap = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else m  # noqa: E731
+        if dist.is_initialized() else m  # noqa: E731
     net = wrap(model)
     disc_net = wrap(disc) if gan else None
     watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None
@@ -328,8 +409,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     dataset = ImageFolder(cfg.data, cfg.resolution, cfg.crop, cfg.seed)
     micro = cfg.batch_size // shards
     sampler = DrawSampler(micro, step, rank, world, cfg.accum)
-    loader = iter(DataLoader(dataset, micro * cfg.accum, sampler=sampler, num_workers=cfg.workers,
-                             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
+    if cfg.data_on_device:  # the same draws as the loader's, cut from images already on the device
+        resident = DeviceImages(dataset, device, workers=max(1, cfg.workers))
+        next_batch = lambda step: resident.batch(sampler.draws(step))  # noqa: E731
+    else:
+        loader = iter(DataLoader(dataset, micro * cfg.accum, sampler=sampler, num_workers=cfg.workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
+        next_batch = lambda step: next(loader).to(device, non_blocking=True)  # noqa: E731
+    finite = FiniteWatch(device)
+    budget = Budget(cfg.minutes, step) if cfg.minutes is not None else None
     fixed = dataset.fixed_batch(cfg.sample_count).to(device) if is_main and cfg.sample_count else None
     generator = torch.Generator(device)
     progress = _Progress(cfg.steps, step) if is_main else None
@@ -341,7 +429,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     try:
         t0, seen = time.perf_counter(), 0
         while step < cfg.steps:
-            x = next(loader).to(device, non_blocking=True)
+            x = next_batch(step).contiguous(memory_format=torch.channels_last)
             model.train()
             lr = lr_at(step, cfg)
             for o in opts.values():
@@ -358,7 +446,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
             opt.zero_grad(set_to_none=True)
             logs = accumulate(net, micro_x, shard_loss, device)
-            grad_norm = clip_or_diverge(model.parameters(), cfg.grad_clip, "autoencoder", step, out)
+            grad_norm = finite.clip(model.parameters(), cfg.grad_clip, "autoencoder", step)
             in_update = True
             opt.step()
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
@@ -370,7 +458,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
                 opts["disc_optimizer"].zero_grad(set_to_none=True)
                 logs |= accumulate(disc_net, micro_x, disc_loss, device)
-                clip_or_diverge(disc.parameters(), math.inf, "discriminator", step, out)
+                finite.clip(disc.parameters(), math.inf, "discriminator", step)
                 opts["disc_optimizer"].step()
             step += 1
             in_update = False
@@ -378,7 +466,21 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             for k, v in logs.items():
                 sums[k], counts[k] = (sums[k] + v, counts[k] + 1) if k in sums else (v, 1)
 
+            if budget is not None:  # rank 0 decides, so that every process stops at the same step
+                if (planned := budget.plan(step, device)) is not None:
+                    planned = agree(planned, world, device)
+                    if planned < cfg.steps:
+                        cfg = dataclasses.replace(cfg, steps=max(step + 1, planned))
+                        if progress is not None:
+                            progress.bar.update(progress.task, total=cfg.steps)
+                        if is_main:
+                            log_file.write(json.dumps({"step": step, "event": "budget", "steps": cfg.steps}) + "\n")
+                if step % cfg.log_every == 0 and agree(int(budget.spent()), world, device):
+                    cfg = dataclasses.replace(cfg, steps=step)  # the last step: log, grid and checkpoint now
+
             collapsed = None
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                finite.check(out)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "img_per_s": seen / elapsed,
@@ -399,6 +501,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             # while the GAN looks collapsed, periodic checkpoints wait, so the one on disk stays a good one
             suspect = watch is not None and watch.streak > 0 and step != cfg.steps
             if is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps) and not suspect:
+                finite.check(out)
                 save_checkpoint(out, model, ema, opts, step, cfg, world, disc)
             if on_step is not None:
                 on_step(step, logs)
@@ -408,7 +511,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             print(f"warning: {exc}", file=sys.stderr)
         raise
     except BaseException:
-        if is_main and step > 0 and not in_update:
+        if is_main and step > 0 and not in_update and int(finite.first_bad.item()) < 0:
             save_checkpoint(out, model, ema, opts, step, cfg, world, disc)
         raise
     finally:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgaetok.data import DrawSampler, ImageFolder, PathTable
+from dgaetok.data import DeviceImages, DrawSampler, ImageFolder, PathTable
 from dgaetok.errors import InputError
 from dgaetok.files import to_tensor
 
@@ -117,3 +117,26 @@ def test_shards_make_accumulation_and_processes_see_the_same_images():
     # all draws of a step are distinct and the steps tile the draw numbers
     assert sorted(take(DrawSampler(3, accum=4), 12 * 5)) == list(range(60))
     assert DrawSampler(3, rank=1, world=2, accum=2).draws(2) == one[6:12]
+
+
+def test_device_images_make_the_folders_batches(train_photos):
+    """(tests/test_cuda.py checks the same on a GPU.)"""
+    device = "cpu"
+    (train_photos / "broken.jpg").write_bytes(b"not a jpeg")  # skipped the same way on both paths
+    data = ImageFolder(train_photos, 48, crop=32, seed=3)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        resident = DeviceImages(data, device, workers=2)
+    assert resident.images[0].dtype == torch.uint8 and resident.images[0].device.type == device
+    bad = next(i for i in range(len(data)) if data.files[i].name == "broken.jpg")
+    draws = DrawSampler(4, start_step=3).draws(3) + [int(np.flatnonzero(data.order(0) == bad)[0])]
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        expected = torch.stack([data[d] for d in draws])
+    got = resident.batch(draws)
+    assert got.device.type == device and got.dtype == torch.float32
+    assert torch.equal(got.cpu(), expected)  # the same files, crops and flips, bit for bit
+
+
+def test_device_images_need_a_readable_image(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"junk")
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="no readable image"):
+        DeviceImages(ImageFolder(tmp_path, 32), "cpu")

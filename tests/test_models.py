@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from dgaetok.errors import InputError
 from dgaetok.models import (
-    DGAE, DGAE_T, DGAEConfig, DGAE_models, file_sha256, load_model, resolve_model, save_model,
+    DGAE, DGAE_T, DGAEConfig, DGAE_models, file_sha256, join_model_files, load_model, read_model_file,
+    resolve_model, save_model, split_model_file,
 )
 from dgaetok.unet import timestep_embedding
 from dgaetok.vae import DiagonalGaussian, ch_mult_for
@@ -160,6 +161,7 @@ def test_posterior_clamps_extreme_log_variances():
 def reference_unet(unet, x, t, cond):
     """ADM's forward written the plain way: concatenate the condition and run the full first convolution."""
     emb = unet.time_embed(timestep_embedding(t, unet.model_channels).to(x.dtype))
+    x = F.pixel_unshuffle(x, unet.patch_size)
     h = F.conv2d(torch.cat([x, cond], dim=1), unet.input_conv.weight, unet.input_conv.bias, padding=1)
     skips = [h]
     for block in unet.input_blocks:
@@ -168,7 +170,7 @@ def reference_unet(unet, x, t, cond):
     h = unet.middle_block(h, emb)
     for block in unet.output_blocks:
         h = block(torch.cat([h, skips.pop()], dim=1), emb)
-    return unet.out(h)
+    return F.pixel_shuffle(unet.out(h), unet.patch_size)
 
 
 def test_condition_split_equals_convolving_the_concatenation():
@@ -189,6 +191,27 @@ def test_condition_split_equals_convolving_the_concatenation():
         assert ref.abs().max() > 1e-3  # the check is not vacuous: the decoder's output is not zero
         # the condition matters: another latent changes the velocity
         assert not torch.allclose(model.velocity(x_t, t, z + 1), ref)
+
+
+def test_patched_unet_runs_at_half_size_on_folded_pixels():
+    """unet_patch 2: pixels folded 2x2 into channels, the latent upsampled to the working size, unfolded after."""
+    model = tiny(unet_patch=2).double()
+    assert model.decoder.input_conv.in_channels == 3 * 4 + 4
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn(2, 3, 32, 48, generator=gen, dtype=torch.float64)
+    z = torch.randn(2, 4, 4, 6, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    z_up = F.interpolate(z, scale_factor=4.0, mode="nearest")  # f 8 / patch 2
+    # upsampling to pixels and folding gives each latent value 4 times: the same information
+    folded = F.pixel_unshuffle(F.interpolate(z, scale_factor=8.0, mode="nearest"), 2)
+    torch.testing.assert_close(folded[:, ::4], z_up, rtol=0, atol=0)
+    with torch.no_grad():
+        ref = reference_unet(model.decoder, x_t, t, z_up)
+        assert ref.shape == x_t.shape and ref.abs().max() > 1e-3
+        torch.testing.assert_close(model.velocity(x_t, t, z), ref, rtol=0, atol=1e-10)
+        assert model.float().decode(z[:1].float(), steps=2).shape == (1, 3, 32, 48)
+    with pytest.raises(ValueError, match="unet_patch"):
+        DGAE_T(unet_patch=16)
 
 
 # --- model files ----------------------------------------------------------------------------------------------
@@ -323,3 +346,20 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients(arch):
     with torch.no_grad():
         z = model.encode(x).latent_dist.mode()
         assert torch.equal(z, plain.encode(x).latent_dist.mode())
+
+
+def test_split_and_join_model_files(tmp_path):
+    model = tiny(2)
+    src = tmp_path / "m.safetensors"
+    save_model(model, src, note="x")
+    shards = split_model_file(src, tmp_path / "out", max_bytes=700_000)
+    assert len(shards) > 1 and all(p.stat().st_size <= 700_000 for p in shards)
+    assert shards[0].name == f"m.shard-1-of-{len(shards)}.safetensors"
+    with pytest.raises(InputError, match=f"shard 1/{len(shards)} of a model file"):
+        load_model(shards[0])
+    with pytest.raises(InputError, match="not one complete set"):
+        join_model_files(shards[1:], tmp_path / "j.safetensors")
+    joined = load_model(join_model_files(list(reversed(shards)), tmp_path / "j.safetensors"))
+    for (name, p), q in zip(model.state_dict().items(), joined.state_dict().values()):
+        torch.testing.assert_close(q, p.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)  # stored in bf16
+    assert read_model_file(tmp_path / "j.safetensors")[0]["note"] == "x"

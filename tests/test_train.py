@@ -306,3 +306,69 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, train_photos):
     # the logged loss is the mean over the micro-batches, which on two processes are the ranks' losses
     assert losses == pytest.approx([(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"])],
                                    rel=1e-6)
+
+
+# --- the fast path: data on the device, a wall-time budget, warm starts, no per-step host sync -----------------
+
+
+def test_data_on_device_trains_exactly_as_the_loader(tmp_path, train_photos):
+    """The resident images give the same batches as the DataLoader, so the runs match bit for bit."""
+    a = train(tiny_config(train_photos, tmp_path / "loader", steps=3, accum=2))
+    b = train(tiny_config(train_photos, tmp_path / "device", steps=3, accum=2, data_on_device=True))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert read_log(tmp_path / "loader") == [{**r, "img_per_s": s["img_per_s"]} for r, s in
+                                             zip(read_log(tmp_path / "device"), read_log(tmp_path / "loader"))]
+
+
+def test_non_finite_gradients_stop_at_a_log_step_and_keep_the_good_checkpoint(tmp_path, train_photos, monkeypatch):
+    from dgaetok.losses import DGAELoss
+    from dgaetok.train import Diverged
+
+    forward = DGAELoss.forward
+
+    def poisoned(self, model, x, generator=None, step=0):
+        loss, logs = forward(self, model, x, generator, step)
+        return (loss * float("nan") if step == 4 else loss), logs  # step 5 (1-based) has NaN gradients
+
+    monkeypatch.setattr(DGAELoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match="diverged at step 5"):
+        train(tiny_config(train_photos, out, steps=8, log_every=3, ckpt_every=3))
+    meta, tensors = read_tensors(out / "checkpoint.safetensors")
+    assert meta["step"] == "3" and all(torch.isfinite(t).all() for t in tensors.values())
+    log = read_log(out)
+    assert [r.get("step") for r in log] == [3, 6] and log[-1]["event"] == "diverged"
+
+
+def test_budget_plans_the_steps_that_fit(monkeypatch):
+    from dgaetok import train as train_module
+
+    clock = iter([100.0, 110.0, 130.0])  # start; after step 5; after step 25: 20 steps in 20 s
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    budget = train_module.Budget(minutes=1.0, start_step=0)  # 60 s; 30 s gone at step 25: 30 more steps fit
+    assert budget.plan(4, torch.device("cpu")) is None
+    assert budget.plan(5, torch.device("cpu")) is None
+    assert budget.plan(25, torch.device("cpu")) == 25 + int(0.97 * 30)
+    assert budget.plan(25, torch.device("cpu")) is None  # decided once
+
+
+def test_a_spent_budget_ends_the_run_with_a_checkpoint(tmp_path, train_photos):
+    out = tmp_path / "run"
+    train(tiny_config(train_photos, out, steps=100, minutes=0.0, log_every=2))
+    meta, _ = read_tensors(out / "checkpoint.safetensors")
+    assert meta["step"] == "2" and [r["step"] for r in read_log(out)] == [2]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_warm_start_begins_from_the_model_file(tmp_path, train_photos):
+    first = train(tiny_config(train_photos, tmp_path / "a", steps=2))
+    # lr 0: the second run cannot move, so its EMA is the file it started from
+    again = train(tiny_config(train_photos, tmp_path / "b", steps=2, lr=0.0, min_lr=0.0,
+                              warm_start=str(tmp_path / "a" / "model.safetensors")))
+    for (name, p), q in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    other = tiny_config(train_photos, tmp_path / "c", steps=2, latent_channels=8,
+                        warm_start=str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(InputError, match="same config"):
+        train(other)
