@@ -18,8 +18,9 @@ MODE, as the CLI's ``--compile`` does):
 Every row runs at the largest batch that fits: it starts at the batch asked for and halves when the GPU runs out
 of memory (`memory.largest_batch`, with ``--fit-refine`` bisection steps), and reports the peak memory allocated.
 FLOPs per image come from `torch.utils.flop_counter` (2 per multiply-add: matmuls, convolutions, attention),
-counted eagerly on one image. Checkpointed and compiled rows are credited with the same model FLOPs, so their
-MFU compares useful work (recomputation is not counted). The peak is the best of several square matmuls in the
+counted eagerly on one image (the training step's on the meta device, `flops.training_flops_per_image`).
+Checkpointed and compiled rows are credited with the same model FLOPs, so their MFU compares useful work
+(recomputation is not counted). The peak is `flops.matmul_peak`: the best of several square matmuls in the
 compute dtype (bf16 on CUDA, float32 on CPU).
 
 ``--out`` receives JSON lines: a header (device, torch, the peak), then one line per row, flushed, so a run that
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import signal
@@ -41,11 +43,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from dgaetok.bench import synchronize
+from dgaetok.flops import count_flops, matmul_peak, seconds_per_call, training_flops_per_image
 from dgaetok.memory import largest_batch
-from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, autocast, build_model, load_model
+from dgaetok.models import (COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, autocast, build_model, load_model,
+                            synchronize)
 
 KINDS = ("unet", "train", "train-ckpt", "encode", "decode", "peer")
 DEFAULT_ROWS = ["unet", "train", "train-ckpt", "encode", "decode", "peer"]
@@ -75,35 +77,6 @@ def time_limit(seconds: float | None, why: str):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def seconds_per_call(fn, device: torch.device, min_time: float, warmup: int = 2, min_calls: int = 3) -> float:
-    """Mean wall time of ``fn()`` over at least ``min_time`` seconds and ``min_calls`` calls, after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < min_time:
-        fn()
-        calls += 1
-        synchronize(device)
-    return (time.perf_counter() - start) / calls
-
-
-def matmul_peak(device: torch.device, min_time: float) -> tuple[float, str]:
-    """Best measured FLOP/s of a square matmul in the library's compute dtype on ``device``."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    best = 0.0
-    for n in ((4096, 8192, 16384) if device.type == "cuda" else (1024, 2048)):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        best = max(best, 2 * n**3 / seconds_per_call(lambda: a @ b, device, min_time))
-    return best, str(dtype).removeprefix("torch.")
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def profile_top(fn, device: torch.device, path: Path, calls: int = 3) -> list[dict]:
@@ -160,9 +133,9 @@ class Bench:
         if not mode:
             return self.model
         if mode not in self.compiled:
-            copy = build_model(self.config).to(self.device).eval()
-            copy.load_state_dict(self.model.state_dict())
-            self.compiled[mode] = self.laid_out(copy).compile_networks(mode)
+            twin = build_model(self.config).to(self.device).eval()
+            twin.load_state_dict(self.model.state_dict())
+            self.compiled[mode] = self.laid_out(twin).compile_networks(mode)
         return self.compiled[mode]
 
     def record(self, what: str, mode: str | None, batch: int, flops_per_image: float, seconds: float,
@@ -272,25 +245,23 @@ class Bench:
         cfg = TrainConfig(lpips_net=self.args.lpips_net, lpips_pretrained=False)  # a random trunk: same cost
         device, res = self.device, self.config.resolution
         torch.manual_seed(0)
-        model = build_model(self.config).to(device).train()
-        ema = build_model(self.config).to(device).eval().requires_grad_(False)
+        # as `train.train` lays it out: channels_last weights and inputs
+        model = build_model(self.config).to(device, memory_format=torch.channels_last).train()
+        model.set_grad_checkpointing(checkpointing)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = make_optimizer(model, cfg)
         loss_fn = DGAELoss(perceptual_net(cfg.lpips_net, False), cfg.velocity_weight, cfg.kl_weight,
                            cfg.lpips_weight).to(device)
         x = torch.randn(self.args.train_batch, 3, res, res, device=device).clamp(-1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
         generator = torch.Generator(device).manual_seed(0)
-
-        def forward_backward(x: torch.Tensor) -> None:
-            accumulate(model, (x,), lambda j, x: loss_fn(model, x, generator), device)
-
-        flops = count_flops(lambda: forward_backward(x[:1]))  # eager and without recomputation: model FLOPs
-        model.set_grad_checkpointing(checkpointing)
+        flops = training_flops_per_image(self.config, cfg.lpips_net)  # the model's, without recomputation
         if mode:
             model.compile_networks(mode)
 
         def step(b: int) -> None:
             opt.zero_grad(set_to_none=True)
-            forward_backward(x[:b])
+            accumulate(model, (x[:b],), lambda j, x: loss_fn(model, x, generator), device)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             update_ema(ema, model, cfg.ema_decay)

@@ -24,7 +24,9 @@ if [[ "${REHEARSE:-0}" == 1 ]]; then
   deadline=${DEADLINE:-600}
 else
   # the device's python has torch but not lpips: gpu_env.sh installs the wheels carried in .gpu/
-  if [[ -f scripts/gpu_env.sh ]]; then source scripts/gpu_env.sh; fi
+  if [[ -f scripts/gpu_env.sh ]]; then
+    source scripts/gpu_env.sh || echo "warning: scripts/gpu_env.sh failed; the training rows will report why"
+  fi
   size=(--preset dgae-b -f 16 -c 8 --resolution 256 --batch 16 --unet-batch 32 --train-batch 96
         --steps 1 4 8 50 --min-time 2)
   guard=${COMPILE_GUARD:-150}
