@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -93,6 +94,8 @@ def main() -> int:
     if TABLE_START not in text:
         text += f"\n## GPU sessions\n\n{TABLE_START}\n{HEADER}{TABLE_END}\n"
     text = text.replace(TABLE_END, row + TABLE_END)
+    if better:
+        text = re.sub(r"GPU-minutes so far: [0-9.]+\.", f"GPU-minutes so far: {total:.1f}.", text)
     card.write_text(text)
     print(f"new: PSNR {new['psnr']:.2f} SSIM {new['ssim']:.3f} LPIPS {new['lpips']:.3f} rFID {new['rfid']:.1f}; "
           + (f"current: PSNR {old['psnr']:.2f} SSIM {old['ssim']:.3f} LPIPS {old['lpips']:.3f}; " if old else "")
