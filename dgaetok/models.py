@@ -368,7 +368,7 @@ MODELS = {**DGAE_models, **SDVAE_models}
 
 # --- files ----------------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL = "dgae-s-f8c4"
+DEFAULT_MODEL = "default"  # weights/default.safetensors; its card is weights/README.md
 
 
 def weights_dir() -> Path:
