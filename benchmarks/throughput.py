@@ -3,7 +3,7 @@ peak memory; one JSON line per measurement, written the moment it is made.
 
     python benchmarks/throughput.py                                  # dgae-b f16c8 on the GPU, the default rows
     python benchmarks/throughput.py --rows unet unet@default unet@reduce-overhead --profile runs/profile
-    python benchmarks/throughput.py --device cpu --model dgae-s-f8c4 --batch 1 --rows encode decode peer --steps 8
+    python benchmarks/throughput.py --device cpu --model default --batch 1 --rows encode decode peer --steps 8
 
 Rows (``--rows``, measured in the order given; ``KIND@MODE`` measures KIND with the networks compiled in place in
 MODE, as the CLI's ``--compile`` does):
