@@ -13,19 +13,20 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, center_crop, find_files, open_image, resize_shorter_side, to_tensor
+from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, center_crop, describe_failure, find_files, open_image,
+                    resize_shorter_side, to_tensor)
 
 
 class ImageFolder(Dataset):
     """Images under ``root``, shorter side resized to ``resolution`` (photos smaller than that are upscaled),
     then a random ``crop``-sized square and a horizontal flip with probability 1/2.
 
-    Indexing takes a draw number (see `DrawSampler`); an unreadable image is reported once and replaced by the
-    next one, so a single bad file cannot stop training.
+    Indexing takes a draw number (see `DrawSampler`); an unreadable image (or one over the pixel budget once
+    resized, see `open_image`) is reported and replaced by the next one, so a single bad file cannot stop training.
     """
 
     def __init__(self, root: str | Path, resolution: int, crop: int | None = None, seed: int = 0):
-        self.files = find_files(root, IMAGE_SUFFIXES)
+        self.root, self.files = root, find_files(root, IMAGE_SUFFIXES)
         if not self.files:
             raise InputError(f"{root}: no images found")
         self.resolution, self.crop, self.seed = resolution, crop or resolution, seed
@@ -43,10 +44,11 @@ class ImageFolder(Dataset):
         for offset in range(len(self.files)):
             path = self.files[order[(pos + offset) % len(self.files)]]
             try:
-                img = resize_shorter_side(open_image(path), self.resolution)
+                img = open_image(path, DEFAULT_MAX_PIXELS, self.resolution)
+                img = resize_shorter_side(img, self.resolution)
                 break
-            except InputError as exc:
-                warnings.warn(f"skipping {exc}", stacklevel=1)
+            except Exception as exc:  # whatever one file causes (not KeyboardInterrupt)
+                warnings.warn(f"skipping {describe_failure(path, exc)}", stacklevel=1)
         else:
             raise InputError("no readable image in the training folder")
         w, h = img.size
@@ -55,15 +57,19 @@ class ImageFolder(Dataset):
         return x.flip(-1) if rng.random() < 0.5 else x
 
     def fixed_batch(self, n: int) -> torch.Tensor:
-        """The first n images, center-cropped as at evaluation: the batch that reconstruction grids show."""
+        """The first n readable images, center-cropped as at evaluation: the batch that reconstruction grids show.
+        InputError when no image is readable at all."""
         images = []
         for path in self.files:
             try:
-                images.append(to_tensor(center_crop(open_image(path), self.resolution, 1)[0]))
-            except InputError:
+                img = open_image(path, DEFAULT_MAX_PIXELS, self.resolution)
+                images.append(to_tensor(center_crop(img, self.resolution, 1)[0]))
+            except Exception:  # unreadable files are reported when training draws them
                 continue
             if len(images) == n:
                 break
+        if not images:
+            raise InputError(f"{self.root}: no readable image among its {len(self.files)} image files")
         return torch.stack(images)
 
 

@@ -6,6 +6,7 @@ of the installed entry point, a SIGKILL mid-run).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -32,6 +32,7 @@ from dgaetok.models import file_sha256, load_model
 from conftest import save_tiny_model
 
 runner = CliRunner()
+NOT_AN_IMAGE = "not an image file, or a format Pillow cannot decode"
 SUMMARY = re.compile(r"^(encode|decode): (\d+) written, (\d+) already there \(skipped\), (\d+) failed$")
 
 
@@ -287,9 +288,9 @@ def test_encode_bad_images_fail_one_by_one(tmp_path, album, tiny_model_file):
     assert result.exit_code == 1
     assert summary(result) == (1, 0, 4)
     assert sorted(failures(result)) == sorted([
-        f"failed: {src / 'corrupt.jpg'}: not an image file",
+        f"failed: {src / 'corrupt.jpg'}: {NOT_AN_IMAGE}",
         f"failed: {src / 'empty.png'}: empty file",
-        f"failed: {src / 'x.png'}: not an image file",
+        f"failed: {src / 'x.png'}: {NOT_AN_IMAGE}",
         next(line for line in failures(result) if line.startswith(f"failed: {src / 'sub' / 'truncated.jpg'}: "
                                                                   "corrupt or truncated image (")),
     ])
@@ -321,17 +322,17 @@ def test_encode_resumes_after_an_output_is_deleted(tmp_path, encoded, album, tin
 
 def test_encode_interrupted_mid_batch_then_resumed(tmp_path, encoded, album, tiny_model_file, monkeypatch):
     out = tmp_path / "out"
-    real_save = files.save_file
+    real_write = files.write_file
     calls = []
 
-    def interrupted_save(tensors, filename, metadata=None):
+    def interrupted_write(filename, data):
         calls.append(filename)
         if len(calls) == 3:  # the third file of the first batch: some bytes reach the disk, then Ctrl-C
-            Path(filename).write_bytes(b"\x08\x00\x00\x00half")
+            Path(filename).write_bytes(data[:12])
             raise KeyboardInterrupt
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(filename, data)
 
-    monkeypatch.setattr(files, "save_file", interrupted_save)
+    monkeypatch.setattr(files, "write_file", interrupted_write)
     result = runner.invoke(app, ["encode", str(album), "-o", str(out), "--batch-size", "4",
                                  *model_args(tiny_model_file)])
     assert result.exit_code not in (0, 2)  # click turns Ctrl-C into "Aborted!" and exit 1
@@ -425,15 +426,15 @@ def test_encode_write_failures_are_per_file(tmp_path, album, tiny_model_file, mo
     out.mkdir()
     (out / "sub").write_text("a file where the mirrored folder should go")
     (out / "bsds.safetensors").mkdir()  # a folder in the way is not an encoded file: it must fail, not be skipped
-    real_save = files.save_file
+    real_write = files.write_file
 
-    def disk_full_for_tench(tensors, filename, metadata=None):
+    def disk_full_for_tench(filename, data):
         if "n01440764_tench" in str(filename):
-            Path(filename).write_bytes(b"partial")
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real_save(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(data[:7])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(filename, data)
 
-    monkeypatch.setattr(files, "save_file", disk_full_for_tench)
+    monkeypatch.setattr(files, "write_file", disk_full_for_tench)
     result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
     assert result.exit_code == 1
     assert summary(result) == (0, 0, 5)
@@ -459,19 +460,19 @@ def test_encode_reads_ahead_by_a_bounded_window(tmp_path, tiny_model_file, monke
     for i in range(16):
         write_image(src / f"{i:02d}.png", (64, 64), seed=i)
     loaded, saved, ahead = [], [], []
-    real_open, real_save = pipeline.open_image, files.save_file
+    real_open, real_write = pipeline.open_image, files.write_file
 
-    def counting_open(path):
+    def counting_open(path, *args):
         loaded.append(path)
-        return real_open(path)
+        return real_open(path, *args)
 
-    def counting_save(tensors, filename, metadata=None):
+    def counting_write(filename, data):
         ahead.append(len(loaded) - len(saved))
         saved.append(filename)
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(filename, data)
 
     monkeypatch.setattr(pipeline, "open_image", counting_open)
-    monkeypatch.setattr(files, "save_file", counting_save)
+    monkeypatch.setattr(files, "write_file", counting_write)
     result = cli("encode", src, "-o", tmp_path / "out", "--batch-size", 2, "--workers", 1, *model_args(tiny_model_file))
     assert result.exit_code == 0 and summary(result) == (16, 0, 0)
     # the batch being written, the input that closed it, and a window of batch size + 2 x workers
@@ -566,8 +567,8 @@ def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_fil
     write_image(src / "ok[red].png", (64, 64))
     result = cli("encode", src, "-o", tmp_path / "out", *model_args(tiny_model_file))
     assert result.exit_code == 1
-    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: not an image file",
-                                        f"failed: {src / 'c[bold]x.png'}: not an image file"]
+    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: {NOT_AN_IMAGE}",
+                                        f"failed: {src / 'c[bold]x.png'}: {NOT_AN_IMAGE}"]
     latent = tmp_path / "out" / "ok[red].safetensors"
     result = cli("info", latent)
     assert result.exit_code == 0 and "ok[red].png" in result.stdout
@@ -685,8 +686,7 @@ def test_info_errors(tmp_path, album):
     text = tmp_path / "x.png"
     text.write_text("hello")
     cases = [
-        (tmp_path / "missing.safetensors", "no such file"),
-        (tmp_path, "no such file"),
+        (tmp_path / "missing.safetensors", "no such file or folder"),
         (album / "bsds.jpg", "not a safetensors file"),
         (text, "not a safetensors file"),
         (other, "neither a dgaetok model nor a latent file"),
@@ -694,6 +694,38 @@ def test_info_errors(tmp_path, album):
     ]
     for path, message in cases:
         assert_user_error(cli("info", path), str(path), message)
+
+
+def test_info_on_a_folder_summarises_its_latents(tmp_path, encoded, tiny_model_file, other_model_file):
+    folder = copy_tree(encoded, tmp_path / "latents")
+    write_latent(folder / "other.safetensors", torch.zeros(4, 6, 8), {"model_hash": file_sha256(other_model_file)})
+    shutil.copy(tiny_model_file, folder / "sub" / "model.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\x00" * 40)
+    (folder / "cut.safetensors").write_bytes((encoded / ALBUM_LATENTS[0]).read_bytes()[:-10])
+    result = cli("info", folder)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"latents\s+6, made by 2 model\(s\)", result.stdout)
+    assert re.search(rf"model {file_sha256(tiny_model_file)}\s+dgae-t f8 c4: 5 x \(4, 8, 8\)", result.stdout)
+    assert re.search(rf"model {file_sha256(other_model_file)}\s+config unknown: 1 x \(4, 6, 8\)", result.stdout)
+    flat = re.sub(r"\s+", "", result.stdout)  # long paths fold over lines
+    assert f"modelfiles{folder}/sub/model.safetensors".replace(" ", "") in flat
+    assert re.search(r"other\s+2 \.safetensors file\(s\) unreadable", result.stdout)
+    assert f"{folder / 'broken.safetensors'}: not a safetensors file" in result.stdout
+    assert f"{folder / 'cut.safetensors'}: unreadable latent file (cut short" in result.stdout
+
+
+def test_help_names_arguments_and_describes_every_option():
+    for command in ("encode", "decode", "info", "train", "bench rfid"):
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        assert "{" not in usage and re.search(r"\[OPTIONS\] [A-Z]+", usage), usage
+        assert "<bool>" not in result.output
+    for command in ("encode", "decode"):
+        help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        options = re.findall(r"│ [ *] +(--[a-z-]+)(?: +-\w)? +(?:<[^>]+>(?: \[[^]]+\])?)? *(\S.*?)? *│", help_text)
+        described = {name for name, text in options if text}
+        assert {"--overwrite", "--device", "--max-pixels", "--output"} <= described, options
 
 
 # --- the real console command -----------------------------------------------------------------------------------
@@ -719,6 +751,6 @@ def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"failed: {src / 'b.png'}: not an image file",
+    assert lines == [f"failed: {src / 'b.png'}: {NOT_AN_IMAGE}",
                      "encode: 1 written, 0 already there (skipped), 1 failed"]
     assert outputs(tmp_path / "o2", "") == ["a.safetensors"]
