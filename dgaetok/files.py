@@ -190,7 +190,7 @@ def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int
 
 
 def _mega(n: int) -> str:
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def open_image(path: str | os.PathLike, max_pixels: int | None = None, shorter_side: int | None = None

@@ -558,6 +558,18 @@ def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_
     assert not out.exists()
 
 
+def test_train_on_a_folder_without_a_readable_image(tmp_path):
+    """One line naming the folder, exit 2, and no --out folder left behind."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not a jpeg")
+    (data / "b.png").write_text("text")
+    result = cli("train", data, "--out", out, "--preset", "dgae-t", "--resolution", 32, "-f", 8, "-c", 4,
+                 "--steps", 1, "--workers", 0, "--lpips-weight", 0, "--device", "cpu")
+    assert_user_error(result, str(data), "no readable image among its 2 image files")
+    assert not out.exists()
+
+
 def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_file):
     """Rich markup must not eat `[bold]` in a file name, nor crash on `[/b]`."""
     src = tmp_path / "src"

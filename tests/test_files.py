@@ -310,7 +310,7 @@ def test_the_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
     assert str(err.value) == (f"{path}: the 1x20000 image resized to 64 px on its shorter side is 64x1280000 "
                               "(81.9M pixels), over the pixel budget of 1.0M per image; raise it with --max-pixels")
     assert err.value.pixels == 64 * 1_280_000 and err.value.budget == 1_000_000 and decoded == []
-    with pytest.raises(TooLarge, match=r"the image is 1x20000 \(20000 pixels\), over the pixel budget of 19999"):
+    with pytest.raises(TooLarge, match=r"the image is 1x20000 \(20,000 pixels\), over the pixel budget of 19,999"):
         open_image(path, 19_999)
     assert open_image(path, 20_000).size == (1, 20000) and decoded
     assert open_image(path).size == (1, 20000)  # no budget
