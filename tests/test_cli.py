@@ -539,13 +539,14 @@ def test_non_model_safetensors_as_model(tmp_path, album, encoded):
                       str(latent), "not a dgaetok model file")
 
 
-def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file):
+def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file, monkeypatch):
     out = tmp_path / "out"
     assert_user_error(cli("decode", encoded, "-o", out, "--sampler", "rk4", *model_args(tiny_model_file)),
                       "--sampler rk4", "euler, heun")
     assert_user_error(cli("decode", encoded, "-o", out, "--model", tiny_model_file, "--device", "tpu9"),
                       "--device tpu9", "not a torch device")
-    if not torch.cuda.is_available():
+    with monkeypatch.context() as patch:  # a machine without CUDA, whatever this one has
+        patch.setattr(torch.cuda, "is_available", lambda: False)
         for command in ("encode", "decode"):
             assert_user_error(cli(command, encoded, "-o", out, "--model", tiny_model_file, "--device", "cuda"),
                               "--device cuda", "CUDA is not available")
@@ -588,6 +589,22 @@ def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_fil
 
 
 # --- decode ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_round_trip_matches_the_cpu_one(tmp_path, album, encoded, decoded, tiny_model_file):
+    """--device cuda end to end: the same files, latents equal to bf16 precision, images within a few levels."""
+    result = cli("encode", album, "-o", tmp_path / "latents", "--model", tiny_model_file, "--device", "cuda")
+    assert result.exit_code == 0 and summary(result) == (5, 0, 0)
+    for rel in ALBUM_LATENTS:
+        torch.testing.assert_close(read_latent(tmp_path / "latents" / rel)[0], read_latent(encoded / rel)[0],
+                                   atol=0.05, rtol=0.05)
+    result = cli("decode", encoded, "-o", tmp_path / "pngs", "--steps", 2, "--model", tiny_model_file,
+                 "--device", "cuda")
+    assert result.exit_code == 0 and summary(result) == (5, 0, 0)
+    for rel in outputs(decoded, ""):
+        a, b = (np.asarray(Image.open(folder / rel), dtype=np.int16) for folder in (tmp_path / "pngs", decoded))
+        assert np.abs(a - b).mean() < 4, rel
 
 
 def test_round_trip_gives_a_png_per_input_at_model_resolution(decoded, encoded):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from dgaetok.files import LATENT_FORMAT, read_latent, write_latent
+from dgaetok.files import LATENT_FORMAT, display_name, read_latent, write_latent
 from dgaetok.models import file_sha256
 
 from conftest import save_tiny_model
@@ -196,7 +196,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def assert_failures_match(got: dict[str, str], root: Path, bad: dict[str, str]) -> None:
-    expected = {os.fsencode(root / name).decode("utf-8", "backslashreplace"): fragment for name, fragment in bad.items()}
+    expected = {display_name(root / name): fragment for name, fragment in bad.items()}
     assert got.keys() == expected.keys()
     for path, fragment in expected.items():
         assert fragment in got[path], (path, got[path])
