@@ -42,10 +42,12 @@ class Item:
 class Job:
     """Inputs paired with the outputs they map to, mirroring the source tree under the output folder.
 
-    ``conflicts`` are inputs that fail before any work: two inputs with one output, folders that cannot be read.
+    ``pairs`` are (input, output) paths as strings: planning a million-file job builds no `Path` per file (that
+    alone took longer than listing the tree); items get theirs as they are yielded. ``conflicts`` are inputs that
+    fail before any work: two inputs with one output, folders that cannot be read.
     """
 
-    pairs: list[tuple[Path, Path]]
+    pairs: list[tuple[str, str]]
     conflicts: list[Item]
 
     @classmethod
@@ -69,7 +71,7 @@ class Job:
                                       f"{display_name(seen[out])}"))
                 continue
             seen[out] = path
-            pairs.append((Path(path), Path(out)))
+            pairs.append((path, out))
         for message in unreadable:
             conflicts.append(Item(src, dst, "failed", message))
         return cls(pairs, conflicts)
@@ -82,7 +84,7 @@ Entry = tuple[Path, Path, tuple]  # (source, output, loaded value: its first ele
 
 
 def _batches(
-    pairs: list[tuple[Path, Path]], load: Callable[[Path], tuple], batch_size: int, overwrite: bool, workers: int,
+    pairs: list[tuple[str, str]], load: Callable[[Path], tuple], batch_size: int, overwrite: bool, workers: int,
     pixels: Callable[[tuple], int], max_pixels: int | None,
 ) -> Iterator[tuple[list[Item], list[Entry]]]:
     """Group loaded inputs into batches of equal tensor shape; loading runs ahead in a thread pool.
@@ -92,16 +94,17 @@ def _batches(
     """
     todo, finished = [], []
     for src, dst in pairs:
-        if dst.is_file() and not overwrite:  # not exists(): a folder in the way must fail, not count as done
-            finished.append(Item(src, dst, "skipped"))
+        if not overwrite and os.path.isfile(dst):  # not exists(): a folder in the way must fail, not count as done
+            finished.append(Item(Path(src), Path(dst), "skipped"))
         else:
             todo.append((src, dst))
 
     def safe_load(pair):
+        src, dst = Path(pair[0]), Path(pair[1])
         try:
-            return pair, load(pair[0]), None
+            return (src, dst), load(src), None
         except Exception as exc:  # whatever a file causes fails that file (not KeyboardInterrupt / SystemExit)
-            return pair, None, describe_failure(pair[0], exc)
+            return (src, dst), None, describe_failure(src, exc)
 
     batch: list[Entry] = []
     # Read ahead by a bounded window (pool.map would load every input of the job into memory at once).
