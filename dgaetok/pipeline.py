@@ -183,11 +183,10 @@ def encode_folder(
     cfg = model.config
     device = next(model.parameters()).device
     model_meta = {"model_hash": model.file_hash, "model_config": cfg.to_json(), "dgaetok_version": __version__}
-    prefix = os.path.join(os.fspath(src_root), "") if src_root.is_dir() else None
+    root_is_dir = src_root.is_dir()
 
     def source(src: Path) -> str:  # the path below SRC, printable (metadata is UTF-8 JSON)
-        path = os.fspath(src)
-        return display_name(path[len(prefix):] if prefix and path.startswith(prefix) else src.name)
+        return display_name(os.path.relpath(src, src_root) if root_is_dir else src.name)
 
     def load(path: Path):
         img = open_image(path, max_pixels, None if keep_size else cfg.resolution)
