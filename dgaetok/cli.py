@@ -115,8 +115,9 @@ def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, 
             task = progress.add_task(verb, total=total, files=f"0/{len(job)} files")
             for item in items(on_step):
                 results.append(item)
-                in_flight = 0  # a batch's items arrive once it is computed: its steps now count as files
-                progress.update(task, completed=len(results) * steps, files=f"{len(results)}/{len(job)} files")
+                in_flight = max(0, in_flight - steps)  # a computed batch's items arrive: its steps become files
+                progress.update(task, completed=min(total, len(results) * steps + in_flight),
+                                files=f"{len(results)}/{len(job)} files")
                 if item.status == "failed":
                     console.print(f"[red]failed:[/red] {escape(printable(item.error))}", highlight=False,
                                   soft_wrap=True)

@@ -783,3 +783,38 @@ def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file)
     assert lines == [f"failed: {src / 'b.png'}: {NOT_AN_IMAGE}",
                      "encode: 1 written, 0 already there (skipped), 1 failed"]
     assert outputs(tmp_path / "o2", "") == ["a.safetensors"]
+
+
+def test_the_decode_bar_moves_with_every_step(monkeypatch):
+    """The bar counts images x steps: a batch of two at 3 steps moves at each step, before any file is done."""
+    import dgaetok.cli as cli_module
+    from dgaetok.pipeline import Item
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *columns, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total, **fields):
+            seen.append(("total", total))
+            return 0
+
+        def update(self, task, completed=None, **fields):
+            seen.append(("at", completed))
+
+    def items(on_step):
+        for _ in range(3):
+            on_step(2)  # one ODE step of a batch of two images
+        yield Item(Path("a"), Path("a.png"), "done")
+        yield Item(Path("b"), Path("b.png"), "done")
+
+    monkeypatch.setattr(cli_module, "Progress", Recorder)
+    cli_module.run_job([None, None], items, "decode", steps=3)  # no failure: returns
+    assert seen == [("total", 6), ("at", 2), ("at", 4), ("at", 6), ("at", 6), ("at", 6)]
