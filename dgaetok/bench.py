@@ -15,7 +15,8 @@ import torch
 
 from . import __version__
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, atomic_path, center_crop, find_files, open_image, save_grid, to_tensor, to_uint8
+from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, atomic_path, center_crop, find_files, open_image,
+                    save_grid, to_tensor, to_uint8)
 from .metrics import ReconMetrics, dataset_key, inception_features, reference_stats
 from .models import Tokenizer, synchronize
 
@@ -55,7 +56,8 @@ def eval_images(data: str | Path, resolution: int, limit: int | None) -> tuple[l
         if limit is not None and len(images) == limit:
             break
         try:
-            images.append(to_tensor(center_crop(open_image(path), resolution, 1)[0]))
+            img = open_image(path, DEFAULT_MAX_PIXELS, resolution)
+            images.append(to_tensor(center_crop(img, resolution, 1)[0]))
             paths.append(path)
         except InputError as exc:
             skipped.append(str(exc))

@@ -21,7 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, center_crop, find_files, open_image, resize_shorter_side, to_tensor
+from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, center_crop, describe_failure, open_image,
+                    resize_shorter_side, to_tensor, walk_files)
 
 
 class PathTable(Sequence[Path]):
@@ -63,14 +64,15 @@ class ImageFolder(Dataset):
     then a random ``crop``-sized square and a horizontal flip with probability 1/2.
 
     Indexing takes a draw number (see `DrawSampler`): epoch ``draw // len(self)`` visits the files in a seeded
-    permutation, computed once per epoch and cached. An unreadable image is reported and replaced by the next
-    one in that order, so a single bad file cannot stop training. ``files`` (a list of paths) skips listing
-    ``root``, which then only names the data in messages.
+    permutation, computed once per epoch and cached. An unreadable image (or one over the pixel budget once
+    resized, see `open_image`) is reported and replaced by the next one in that order, so a single bad file cannot
+    stop training. ``files`` (a list of paths) skips listing ``root``, which then only names the data in messages.
     """
 
     def __init__(self, root: str | Path, resolution: int, crop: int | None = None, seed: int = 0,
                  files: Sequence[str | os.PathLike] | None = None):
-        self.files = PathTable(find_files(root, IMAGE_SUFFIXES) if files is None else files)
+        self.root = root
+        self.files = PathTable(walk_files(root, IMAGE_SUFFIXES) if files is None else files)  # 1.28M: strings
         if not len(self.files):
             raise InputError(f"{root}: no images found")
         self.resolution, self.crop, self.seed = resolution, crop or resolution, seed
@@ -112,15 +114,16 @@ class ImageFolder(Dataset):
 
     def load(self, index: int) -> Image.Image:
         """File ``index`` decoded and resized (shorter side to the resolution); InputError if unreadable."""
-        return resize_shorter_side(open_image(self.files[index]), self.resolution)
+        img = open_image(self.files[index], DEFAULT_MAX_PIXELS, self.resolution)
+        return resize_shorter_side(img, self.resolution)
 
     def __getitem__(self, draw: int) -> torch.Tensor:
         for index in self.candidates(draw):
             try:
                 img = self.load(index)
                 break
-            except InputError as exc:
-                warnings.warn(f"skipping {exc}", stacklevel=1)
+            except Exception as exc:  # whatever one file causes (not KeyboardInterrupt)
+                warnings.warn(f"skipping {describe_failure(self.files[index], exc)}", stacklevel=1)
         else:
             raise InputError("no readable image in the training folder")
         aug = self.augmentation(draw, img.size)
@@ -128,15 +131,19 @@ class ImageFolder(Dataset):
         return x.flip(-1) if aug.flip else x
 
     def fixed_batch(self, n: int) -> torch.Tensor:
-        """The first n images, center-cropped as at evaluation: the batch that reconstruction grids show."""
+        """The first n readable images, center-cropped as at evaluation: the batch that reconstruction grids show.
+        InputError when no image is readable at all."""
         images = []
         for path in self.files:
             try:
-                images.append(to_tensor(center_crop(open_image(path), self.resolution, 1)[0]))
-            except InputError:
+                img = open_image(path, DEFAULT_MAX_PIXELS, self.resolution)
+                images.append(to_tensor(center_crop(img, self.resolution, 1)[0]))
+            except Exception:  # unreadable files are reported when training draws them
                 continue
             if len(images) == n:
                 break
+        if not images:
+            raise InputError(f"{self.root}: no readable image among its {len(self.files)} image files")
         return torch.stack(images)
 
 
@@ -157,8 +164,8 @@ class DeviceImages:
         def load(index: int) -> torch.Tensor | None:
             try:
                 return torch.from_numpy(np.asarray(folder.load(index), dtype=np.uint8).copy()).permute(2, 0, 1)
-            except InputError as exc:
-                warnings.warn(f"skipping {exc}", stacklevel=1)
+            except Exception as exc:  # as ImageFolder: whatever one file causes
+                warnings.warn(f"skipping {describe_failure(folder.files[index], exc)}", stacklevel=1)
                 return None
 
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes with the GIL released

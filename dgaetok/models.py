@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -102,6 +103,7 @@ class Tokenizer(nn.Module):
     """
 
     single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
+    latent_multiple = 1  # decode needs latent sides that are multiples of this
 
     def __init__(self, config: DGAEConfig):
         super().__init__()
@@ -189,6 +191,11 @@ class DGAE(Tokenizer):
         x_t = flow.interpolate(x, noise, t)
         return self.velocity(x_t, t, posterior.sample(generator)), x_t, posterior
 
+    @property
+    def latent_multiple(self) -> int:
+        """The U-Net halves the image len(unet_ch_mult) - 1 times, so pixel sides must divide by 2 ** that."""
+        return max(1, 2 ** (len(self.config.unet_ch_mult) - 1) // self.config.downsample)
+
     @torch.no_grad()
     def decode(
         self,
@@ -198,11 +205,14 @@ class DGAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] by integrating the flow ODE from noise.
 
         ``noise`` fixes the starting point; otherwise it is drawn with ``generator`` (on the generator's device,
-        then moved, so a CPU generator gives the same noise whatever device decodes).
+        then moved, so a CPU generator gives the same noise whatever device decodes). ``on_step(n)`` is called
+        after every ODE step with the number of images that step advanced. Images go through the network
+        `images_per_call` at a time.
         """
         f = self.config.downsample
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
@@ -210,12 +220,14 @@ class DGAE(Tokenizer):
             gen_device = generator.device if generator is not None else z.device
             noise = torch.randn(shape, generator=generator, device=gen_device)
         noise = noise.to(z.device, torch.float32)
+        out = []
         with autocast(z.device):
-            cond = self.condition(z.float())
-            # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
-            x = flow.sample(lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True), noise, steps,
-                            sampler, shift)
-        return x.clamp(-1, 1).contiguous()
+            for a, b in _calls(z):
+                cond = self.condition(z[a:b].float())
+                # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
+                out.append(flow.sample(lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True),
+                                       noise[a:b], steps, sampler, shift, _images_done(on_step, b - a)))
+        return torch.cat(out).clamp(-1, 1).contiguous()
 
 
 class SDVAE(Tokenizer):
@@ -243,12 +255,34 @@ class SDVAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the other arguments exist so
-        that SD-VAE and DGAE are called the same way, and are ignored."""
+        that SD-VAE and DGAE are called the same way, and are ignored (``on_step(n)`` is called once per
+        network call, for the n images it decoded)."""
+        out = []
         with autocast(z.device):
-            x = self.decoder(z.float()).float()
-        return x.clamp(-1, 1).contiguous()
+            for a, b in _calls(z):
+                out.append(self.decoder(z[a:b].float()).float())
+                _images_done(on_step, b - a)(1)
+        return torch.cat(out).clamp(-1, 1).contiguous()
+
+
+def images_per_call(device: torch.device | str, batch: int) -> int:
+    """How many images of a batch go through a network at once when decoding: all of them on a GPU, one on the
+    CPU. oneDNN picks other kernels for other batch sizes, whose last-bit differences moved one pixel in ~1000 by
+    one level between --batch-size 1 and 2; one image per call makes an image's decode independent of its batch,
+    and costs no speed on a CPU (benchmarks/RESULTS.md)."""
+    return batch if torch.device(device).type != "cpu" else 1
+
+
+def _calls(z: torch.Tensor) -> list[tuple[int, int]]:
+    n = images_per_call(z.device, len(z))
+    return [(a, min(len(z), a + n)) for a in range(0, len(z), max(1, n))]
+
+
+def _images_done(on_step: Callable[[int], None] | None, n: int) -> Callable[[int], None]:
+    return (lambda step: on_step(n)) if on_step is not None else (lambda step: None)
 
 
 def autocast(device: torch.device | str):

@@ -238,6 +238,23 @@ def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
+def resume_log(path: Path, step: int) -> None:
+    """Cut ``log.jsonl`` back to the checkpoint's ``step`` and mark the resume: a killed run logged steps past
+    its last checkpoint, which the resumed run logs again, and a reader must never see a step twice."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # the line a kill cut short
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    kept.append(json.dumps({"event": "resumed", "step": step}))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(kept) + "\n")
+
+
 @torch.no_grad()
 def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int, path: Path, seed: int) -> None:
     ema.eval()
@@ -368,10 +385,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if cfg.accum < 1 or cfg.batch_size % shards:
         raise InputError(f"batch size {cfg.batch_size} does not split into {world} process(es) x {cfg.accum} "
                          "micro-batch(es) of equal size")
-    out = Path(cfg.out)
+    out = Path(cfg.out)  # created only once everything below has been checked: a failed start leaves nothing
     is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     model = build_model(cfg.model_config())
@@ -407,6 +422,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None
 
     dataset = ImageFolder(cfg.data, cfg.resolution, cfg.crop, cfg.seed)
+    fixed = dataset.fixed_batch(max(1, cfg.sample_count))  # InputError here if no image at all is readable
+    fixed = fixed.to(device) if is_main and cfg.sample_count else None
     micro = cfg.batch_size // shards
     sampler = DrawSampler(micro, step, rank, world, cfg.accum)
     if cfg.data_on_device:  # the same draws as the loader's, cut from images already on the device
@@ -418,8 +435,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         next_batch = lambda step: next(loader).to(device, non_blocking=True)  # noqa: E731
     finite = FiniteWatch(device)
     budget = Budget(cfg.minutes, step) if cfg.minutes is not None else None
-    fixed = dataset.fixed_batch(cfg.sample_count).to(device) if is_main and cfg.sample_count else None
     generator = torch.Generator(device)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if step:
+            resume_log(out / "log.jsonl", step)
     progress = _Progress(cfg.steps, step) if is_main else None
     log_file = open(out / "log.jsonl", "a") if is_main else None
 

@@ -1,6 +1,8 @@
 """DGAE models: preset sizes, encoder/decoder shapes, the posterior, the precomputed-condition trick, model files."""
 from __future__ import annotations
 
+import copy
+import math
 import shutil
 
 import pytest
@@ -136,7 +138,9 @@ def test_diagonal_gaussian_statistics_and_kl():
     ).sum(dim=(1, 2, 3))
     assert q.kl().shape == (2,)
     torch.testing.assert_close(q.kl(), ref)
-    assert (q.kl() >= 0).all()
+    # by hand: mean 2 and variance 4 cost 0.5 * (4 + 4 - 1 - ln 4) per dimension, summed over 1 x 2 x 2 of them
+    known = DiagonalGaussian(torch.cat([torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), math.log(4))], 1))
+    assert known.kl().item() == pytest.approx(4 * 0.5 * (4 + 4 - 1 - math.log(4)), rel=1e-6)
     # a standard normal posterior costs nothing
     assert torch.equal(DiagonalGaussian(torch.zeros(2, 6, 4, 4)).kl(), torch.zeros(2))
     # samples follow the posterior
@@ -363,3 +367,44 @@ def test_split_and_join_model_files(tmp_path):
     for (name, p), q in zip(model.state_dict().items(), joined.state_dict().values()):
         torch.testing.assert_close(q, p.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)  # stored in bf16
     assert read_model_file(tmp_path / "j.safetensors")[0]["note"] == "x"
+
+# --- borders: the bottom-row band of issue 14 -----------------------------------------------------------------
+
+
+def test_the_decoder_treats_all_four_borders_alike():
+    """The decoding path has no built-in asymmetry (SD-VAE's asymmetric (0, 1, 0, 1) padding is in the encoder
+    only): flipping the image, the latent and every kernel vertically or horizontally flips the velocity. So a
+    band along one border of a reconstruction comes from trained weights, not from padding or resampling."""
+    model = tiny()
+    flipped = copy.deepcopy(model)
+    x, z = images(1, 3, 64, 48), torch.randn(1, 4, 8, 6, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.4])
+    for dim in (-2, -1):
+        with torch.no_grad():
+            for (name, p), q in zip(model.decoder.named_parameters(), flipped.decoder.parameters()):
+                q.copy_(p.flip(dim) if p.dim() == 4 else p)
+            v = model.velocity(x, t, z)
+            v_flipped = flipped.velocity(x.flip(dim), t, z.flip(dim)).flip(dim)
+        torch.testing.assert_close(v_flipped, v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the bundled dgae-s-f8c4 (trained on 64 px crops, evaluated at 256) draws "
+                                       "a dark-blue band along its bottom rows; a default without it must pass")
+def test_the_bundled_model_reconstructs_border_rows_like_interior_ones(shared_data):
+    """Issue 14: on the tench at 256 px the bundled model's bottom 3 rows are 2.4x as far from the photo as its
+    interior (row 255 averages RGB (28, 38, 99) against (75, 82, 78)); the other borders are within 1.2x. Each
+    border strip must be within 1.5x of the interior. The decoder code is symmetric (test above), so this
+    checks the trained weights: it passes once the default model is retrained."""
+    from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
+
+    model = load_model()
+    photo = shared_data / "eval" / "imagenet-val500" / "n01440764_tench.JPEG"
+    x = to_tensor(center_crop(open_image(photo), 256, 8)[0])[None]
+    with torch.no_grad():
+        recon = model.decode(model.encode(x).latent_dist.mode(), steps=8, generator=torch.Generator().manual_seed(0))
+    err = (to_uint8(x).float() - to_uint8(recon).float()).abs()[0]  # (H, W, 3)
+    interior = err[8:-8, 8:-8].mean().item()
+    strips = {"top": err[:3], "bottom": err[-3:], "left": err[:, :3], "right": err[:, -3:]}
+    ratios = {name: round(strip.mean().item() / interior, 2) for name, strip in strips.items()}
+    assert max(ratios.values()) < 1.5, ratios

@@ -172,6 +172,7 @@ def test_discriminator_trains_only_from_disc_start(tmp_path, train_photos):
 
     train(dataclasses.replace(cfg, steps=3, resume=True))
     log = read_log(tmp_path / "run")
+    assert log.pop(2) == {"event": "resumed", "step": 2}
     assert [r["step"] for r in log] == [1, 2, 3] and all(k in log[-1] for k in ("g_loss", "d_loss", "d_weight"))
     _, tensors = read_tensors(tmp_path / "run" / "checkpoint.safetensors")
     assert not torch.equal(tensors["disc.main.0.weight"], init["main.0.weight"])

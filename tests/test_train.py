@@ -147,6 +147,7 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, train_photos, family):
 
     # the log of the resumed run continues where it stopped, with the same losses step for step
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert log_a.pop(2) == {"event": "resumed", "step": 2}
     assert [r["step"] for r in log_a] == [1, 2, 3, 4] == [r["step"] for r in log_b]
     for ra, rb in zip(log_a, log_b):
         assert ra.keys() == rb.keys() and {"loss", "kl", "lpips", "lr"} <= ra.keys()
@@ -206,6 +207,30 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, train_photos):
     assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before
     saved = load_model(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ema.state_dict().values()))
+
+
+def test_the_log_of_a_killed_run_is_cut_back_to_its_checkpoint(tmp_path, train_photos):
+    """After kill -9, log.jsonl holds rows past the last checkpoint (and maybe half a row); the resumed run logs
+    those steps again, so resuming cuts the log back to the checkpoint and marks the seam: no step twice."""
+    out = tmp_path / "run"
+    cfg = tiny_config(train_photos, out, steps=2)
+    train(cfg)  # the checkpoint is at step 2
+    with open(out / "log.jsonl", "a") as fh:  # what the killed run wrote after it, as kill -9 leaves it
+        fh.write(json.dumps({"step": 3, "loss": 123.0}) + "\n" + '{"step": 4, "lo')
+    train(dataclasses.replace(cfg, steps=4, resume=True))
+    log = read_log(out)
+    assert [r.get("step") for r in log] == [1, 2, 2, 3, 4]
+    assert log[2] == {"event": "resumed", "step": 2} and log[3]["loss"] != 123.0
+
+
+def test_a_folder_without_a_readable_image_fails_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not a jpeg")
+    (data / "b.png").write_bytes(b"")
+    with pytest.raises(InputError, match="no readable image among its 2 image files"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_options_are_input_errors(tmp_path, train_photos):
