@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from .errors import InputError
 from .files import atomic_path
 from .stats import LatentStats
 from .unet import UNet
-from .vae import Decoder, DiagonalGaussian, Encoder, ch_mult_for
+from .vae import Checkpointed, Decoder, DiagonalGaussian, Encoder, ch_mult_for
 
 FORMAT = "dgaetok-model/1"
 
@@ -49,7 +50,8 @@ class DGAEConfig(JsonConfig):
     ``arch`` is the family: "dgae" or "sdvae" (files written before SD-VAE existed have no ``arch`` and load as
     DGAE). ``enc_*`` configure the SD-VAE encoder (``enc_ch_mult`` None: derived from ``downsample``); an SD-VAE's
     decoder mirrors it, as LDM builds both from one config. ``unet_*`` configure DGAE's ADM decoder (see `UNet`
-    for each knob; unused by SD-VAE), ``resolution`` the training and default encoding size.
+    for each knob, ``unet_patch`` is its ``patch_size``; unused by SD-VAE), ``resolution`` the training and default
+    encoding size.
     """
 
     arch: str = "dgae"
@@ -63,6 +65,7 @@ class DGAEConfig(JsonConfig):
     unet_ch_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
     unet_res_blocks: int = 2
     unet_attention: tuple[int, ...] = ()
+    unet_patch: int = 1
     head_channels: int = 64
     dropout: float = 0.0
     preset: str = field(default="", compare=False)
@@ -77,6 +80,8 @@ class DGAEConfig(JsonConfig):
             object.__setattr__(self, "enc_ch_mult", ch_mult_for(self.downsample))
         if 2 ** (len(self.enc_ch_mult) - 1) != self.downsample:
             raise ValueError(f"enc_ch_mult {self.enc_ch_mult} does not downsample by {self.downsample}")
+        if self.unet_patch < 1 or self.downsample % self.unet_patch:
+            raise ValueError(f"unet_patch {self.unet_patch} must divide the downsample factor {self.downsample}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -101,6 +106,7 @@ class Tokenizer(nn.Module):
     """
 
     single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
+    latent_multiple = 1  # decode needs latent sides that are multiples of this
 
     def __init__(self, config: DGAEConfig):
         super().__init__()
@@ -155,6 +161,16 @@ class Tokenizer(nn.Module):
             net.compile(mode=None if mode == "default" else mode, dynamic=False)
         return self
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> "Tokenizer":
+        """Recompute each residual and attention block in backward instead of storing its activations (the
+        encoder's, the U-Net's or SD-VAE decoder's): about a third more compute for a fraction of the memory (see
+        `memory.training_activations`). Only training forwards with gradients are affected; outputs and
+        gradients are the same either way, and nothing is stored in model files."""
+        for module in self.modules():
+            if isinstance(module, Checkpointed):
+                module.grad_checkpointing = enabled
+        return self
+
     def num_params(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
@@ -175,11 +191,14 @@ class DGAE(Tokenizer):
             attention_resolutions=config.unet_attention,
             head_channels=config.head_channels,
             dropout=config.dropout,
+            patch_size=config.unet_patch,
         )
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest-upsample the latent to pixel size and project it with the decoder's first conv."""
-        return self.decoder.condition(F.interpolate(z, scale_factor=float(self.config.downsample), mode="nearest"))
+        """Nearest-upsample the latent to the U-Net's working size (pixel size, or 1/p of it with ``unet_patch``
+        p: the same values as upsampling to pixels and folding) and project it with the decoder's first conv."""
+        scale = self.config.downsample // self.config.unet_patch
+        return self.decoder.condition(F.interpolate(z, scale_factor=float(scale), mode="nearest"))
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(x_t, t, self.condition(z.to(x_t.dtype)))
@@ -196,6 +215,11 @@ class DGAE(Tokenizer):
         x_t = flow.interpolate(x, noise, t)
         return self.velocity(x_t, t, posterior.sample(generator)), x_t, posterior
 
+    @property
+    def latent_multiple(self) -> int:
+        """The U-Net halves the image len(unet_ch_mult) - 1 times, so pixel sides must divide by 2 ** that."""
+        return max(1, 2 ** (len(self.config.unet_ch_mult) - 1) // self.config.downsample)
+
     @torch.no_grad()
     def decode(
         self,
@@ -205,11 +229,14 @@ class DGAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] by integrating the flow ODE from noise.
 
         ``noise`` fixes the starting point; otherwise it is drawn with ``generator`` (on the generator's device,
-        then moved, so a CPU generator gives the same noise whatever device decodes).
+        then moved, so a CPU generator gives the same noise whatever device decodes). ``on_step(n)`` is called
+        after every ODE step with the number of images that step advanced. Images go through the network
+        `images_per_call` at a time.
         """
         f = self.config.downsample
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
@@ -217,12 +244,14 @@ class DGAE(Tokenizer):
             gen_device = generator.device if generator is not None else z.device
             noise = torch.randn(shape, generator=generator, device=gen_device)
         noise = noise.to(z.device, torch.float32)
+        out = []
         with autocast(z.device):
-            cond = self.condition(z.float())
-            # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
-            x = flow.sample(lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True), noise, steps,
-                            sampler, shift)
-        return x.clamp(-1, 1).contiguous()
+            for a, b in _calls(z):
+                cond = self.condition(z[a:b].float())
+                # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
+                out.append(flow.sample(lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True),
+                                       noise[a:b], steps, sampler, shift, _images_done(on_step, b - a)))
+        return torch.cat(out).clamp(-1, 1).contiguous()
 
 
 class SDVAE(Tokenizer):
@@ -250,18 +279,47 @@ class SDVAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the other arguments exist so
-        that SD-VAE and DGAE are called the same way, and are ignored."""
+        that SD-VAE and DGAE are called the same way, and are ignored (``on_step(n)`` is called once per
+        network call, for the n images it decoded)."""
+        out = []
         with autocast(z.device):
-            x = self.decoder(z.float()).float()
-        return x.clamp(-1, 1).contiguous()
+            for a, b in _calls(z):
+                out.append(self.decoder(z[a:b].float()).float())
+                _images_done(on_step, b - a)(1)
+        return torch.cat(out).clamp(-1, 1).contiguous()
+
+
+def images_per_call(device: torch.device | str, batch: int) -> int:
+    """How many images of a batch go through a network at once when decoding: all of them on a GPU, one on the
+    CPU. oneDNN picks other kernels for other batch sizes, whose last-bit differences moved one pixel in ~1000 by
+    one level between --batch-size 1 and 2; one image per call makes an image's decode independent of its batch,
+    and costs no speed on a CPU (benchmarks/RESULTS.md)."""
+    return batch if torch.device(device).type != "cpu" else 1
+
+
+def _calls(z: torch.Tensor) -> list[tuple[int, int]]:
+    n = images_per_call(z.device, len(z))
+    return [(a, min(len(z), a + n)) for a in range(0, len(z), max(1, n))]
+
+
+def _images_done(on_step: Callable[[int], None] | None, n: int) -> Callable[[int], None]:
+    return (lambda step: on_step(n)) if on_step is not None else (lambda step: None)
 
 
 def autocast(device: torch.device | str):
     """bf16 autocast on CUDA, a no-op elsewhere: one code path for both, CPU stays in float32."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    cuda = torch.device(device).type == "cuda"
+    # a disabled CPU autocast for every other device: torch.autocast refuses device types like "meta" outright
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device, so that wall-clock timings cover the work queued on it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- presets: decoder sizes as in the paper's Table 1; the latent (downsample, latent_channels) is a kwarg ----
@@ -287,6 +345,19 @@ def DGAE_S(**kw) -> DGAEConfig:
     )
 
 
+def DGAE_S2(**kw) -> DGAEConfig:
+    """dgae-s's encoder and a U-Net on 2x2 pixel patches (DiT's "/2"), twice as wide: the bundled default's size.
+
+    About 39 GFLOP per decoder pass at 256x256, like dgae-s, but with 2x the decoder parameters (7.5M), since the
+    patches let the widths grow at the same cost: small enough to decode 8 steps in about 2 s on 2 CPU cores and to
+    travel as one 16 MiB file, wide enough to keep an H100 busy.
+    """
+    return DGAEConfig(
+        enc_channels=32, enc_res_blocks=1, unet_channels=64, unet_ch_mult=(1, 2, 2, 2), unet_res_blocks=1,
+        unet_patch=2, preset="dgae-s2", **kw,
+    )
+
+
 def DGAE_T(**kw) -> DGAEConfig:
     """A tiny DGAE for tests: seconds per step on a laptop CPU, nothing more."""
     kw.setdefault("resolution", 64)
@@ -298,7 +369,8 @@ def DGAE_T(**kw) -> DGAEConfig:
     )
 
 
-DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-t": DGAE_T}
+DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-s2": DGAE_S2,
+               "dgae-t": DGAE_T}
 
 
 # --- SD-VAE presets: LDM's autoencoder (ch 128, 2 residual blocks) at the latents the paper compares --------------
@@ -354,7 +426,7 @@ MODELS = {**DGAE_models, **SDVAE_models}
 
 # --- files ----------------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL = "dgae-s-f8c4"
+DEFAULT_MODEL = "default"  # weights/default.safetensors; its card is weights/README.md
 
 
 def weights_dir() -> Path:
@@ -382,13 +454,18 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one."""
+def read_model_file(path: str | os.PathLike,
+                    shards_ok: bool = False) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one (or for a
+    shard of one, unless ``shards_ok``)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise InputError(f"{path}: not a dgaetok model file (metadata format {meta.get('format')!r})")
+            if "shard" in meta and not shards_ok:
+                raise InputError(f"{path}: shard {meta['shard']} of a model file; join the shards first "
+                                 "(dgaetok.models.join_model_files)")
             return meta, {k: fh.get_tensor(k) for k in fh.keys()}
     except InputError:
         raise
@@ -458,6 +535,46 @@ def load_encoder(model: Tokenizer, path: str | os.PathLike) -> None:
                          f"({shape(model.config)})")
     model.encoder.load_state_dict({k[len("encoder."):]: v.float() for k, v in tensors.items()
                                    if k.startswith("encoder.")})
+
+
+def split_model_file(src: str | os.PathLike, folder: str | os.PathLike, max_bytes: int = 16 * 2**20,
+                     dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """Write a model file as model files of at most ``max_bytes`` each, for transports that cap file sizes (a
+    device call returns files of 16 MiB at most). Shard i of n is ``<stem>.shard-i-of-n.safetensors`` with the
+    tensors in ``dtype``, the metadata of ``src`` and ``shard`` = "i/n"; `join_model_files` puts them back."""
+    meta, tensors = read_model_file(src)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    room = max_bytes - 64 * 2**10 - len(json.dumps(meta))  # the header: metadata and ~100 bytes per tensor
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    for key, value in tensors.items():
+        size = value.numel() * value.element_size()
+        if size > room:
+            raise InputError(f"{src}: tensor {key} ({size} bytes) does not fit a {max_bytes}-byte shard")
+        if sum(t.numel() * t.element_size() for t in groups[-1].values()) + size > room:
+            groups.append({})
+        groups[-1][key] = value
+    folder, stem = Path(folder), Path(src).name.removesuffix(".safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, group in enumerate(groups, 1):
+        paths.append(folder / f"{stem}.shard-{i}-of-{len(groups)}.safetensors")
+        with atomic_path(paths[-1]) as tmp:
+            save_file(group, str(tmp), metadata={**meta, "shard": f"{i}/{len(groups)}"})
+    return paths
+
+
+def join_model_files(shards: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
+    """One model file from the shards `split_model_file` wrote (all of them, in any order)."""
+    parts = [read_model_file(path, shards_ok=True) for path in shards]
+    counts = {meta.get("shard", "").split("/")[-1] for meta, _ in parts}
+    found = sorted(int(meta.get("shard", "0/0").split("/")[0]) for meta, _ in parts)
+    if len(counts) != 1 or found != list(range(1, int(counts.pop() or 0) + 1)):
+        raise InputError(f"{dst}: the shards given are not one complete set (found shards {found})")
+    meta = {k: v for k, v in parts[0][0].items() if k != "shard"}
+    tensors = {k: v for _, part in parts for k, v in part.items()}
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(dst)
 
 
 def build_model(config: DGAEConfig) -> Tokenizer:

@@ -1,27 +1,34 @@
 """Folder-to-folder encode and decode jobs: batched, resumable, and going on past bad files.
 
 Each job yields one `Item` per input so the caller can show progress; failures are reported in the item, never
-raised, so one bad file cannot stop a batch.
+raised, so one bad file cannot stop a batch. That holds for whatever a file can cause: dgaetok's own
+`InputError`, but also running out of memory, a kernel refusing an odd shape, or a bug (the message then names the
+exception type). KeyboardInterrupt and SystemExit still stop the job.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import deque
+import os
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors import SafetensorError
 
 from . import __version__
 from .errors import InputError
-from .files import (IMAGE_SUFFIXES, center_crop, crop_meta, find_files, open_image, read_latent, save_png,
-                    to_tensor, write_latent)
-from .models import Tokenizer
+from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, LATENT_FORMAT, center_crop, check_pixels, crop_meta,
+                    describe_failure, display_name, first_line, open_image, read_latent, safetensors_header,
+                    save_png, to_tensor, walk_files, write_latent)
+from .models import FORMAT, DGAEConfig, Tokenizer
 from .stats import LatentStats
+
+# Latent values beyond this are no encoder's output (dgaetok's stay within a few units, SD's within ~50): a file
+# scaled by mistake would decode to NaN, which the PNG writer turns into a black image.
+LATENT_LIMIT = 1e3
 
 
 @dataclass
@@ -34,51 +41,73 @@ class Item:
 
 @dataclass
 class Job:
-    """Inputs paired with the outputs they map to, mirroring the source tree under the output folder."""
+    """Inputs paired with the outputs they map to, mirroring the source tree under the output folder.
 
-    pairs: list[tuple[Path, Path]]
+    ``pairs`` are (input, output) paths as strings: planning a million-file job builds no `Path` per file (that
+    alone took longer than listing the tree); items get theirs as they are yielded. ``conflicts`` are inputs that
+    fail before any work: two inputs with one output, folders that cannot be read.
+    """
+
+    pairs: list[tuple[str, str]]
     conflicts: list[Item]
 
     @classmethod
     def plan(cls, src: str | Path, dst: str | Path, suffixes: set[str], out_suffix: str,
              limit: int | None = None) -> "Job":
         src, dst = Path(src), Path(dst)
-        files = find_files(src, suffixes)[:limit]
-        if not files:
-            raise InputError(f"{src}: no {' / '.join(sorted(suffixes))} files found")
+        unreadable: list[str] = []
+        files = walk_files(src, suffixes, unreadable)[:limit]
+        if not files and not unreadable:
+            raise InputError(f"{display_name(src)}: no {' / '.join(sorted(suffixes))} files found")
+        is_dir = src.is_dir()
+        prefix = os.path.join(os.fspath(src), "")  # walk_files joins below the root exactly so
+        dst_root = os.path.join(os.fspath(dst), "")
         pairs, conflicts, seen = [], [], {}
         for path in files:
-            rel = path.relative_to(src) if src.is_dir() else Path(path.name)
-            out = dst / rel.with_suffix(out_suffix)
+            rel = path[len(prefix):] if is_dir else os.path.basename(path)
+            out = dst_root + os.path.splitext(rel)[0] + out_suffix
             if out in seen:
-                conflicts.append(Item(path, out, "failed", f"{path}: output {out} is also the output of {seen[out]}"))
+                conflicts.append(Item(Path(path), Path(out), "failed",
+                                      f"{display_name(path)}: output {display_name(out)} is also the output of "
+                                      f"{display_name(seen[out])}"))
                 continue
             seen[out] = path
             pairs.append((path, out))
+        for message in unreadable:
+            conflicts.append(Item(src, dst, "failed", message))
         return cls(pairs, conflicts)
 
     def __len__(self) -> int:
         return len(self.pairs) + len(self.conflicts)
 
 
+Entry = tuple[Path, Path, tuple]  # (source, output, loaded value: its first element is the tensor)
+
+
 def _batches(
-    pairs: list[tuple[Path, Path]], load: Callable[[Path], object], batch_size: int, overwrite: bool, workers: int
-) -> Iterator[tuple[list[Item], list[tuple[Path, Path, object]]]]:
-    """Group loaded inputs into batches of equal tensor shape; loading runs ahead in a thread pool."""
+    pairs: list[tuple[str, str]], load: Callable[[Path], tuple], batch_size: int, overwrite: bool, workers: int,
+    pixels: Callable[[tuple], int], max_pixels: int | None,
+) -> Iterator[tuple[list[Item], list[Entry]]]:
+    """Group loaded inputs into batches of equal tensor shape; loading runs ahead in a thread pool.
+
+    A batch also stays within ``max_pixels`` in all (``pixels(value)`` per input), so that the budget that lets
+    one large image through does not let ``batch_size`` of them through at once.
+    """
     todo, finished = [], []
     for src, dst in pairs:
-        if dst.is_file() and not overwrite:  # not exists(): a folder in the way must fail, not count as done
-            finished.append(Item(src, dst, "skipped"))
+        if not overwrite and os.path.isfile(dst):  # not exists(): a folder in the way must fail, not count as done
+            finished.append(Item(Path(src), Path(dst), "skipped"))
         else:
             todo.append((src, dst))
 
     def safe_load(pair):
+        src, dst = Path(pair[0]), Path(pair[1])
         try:
-            return pair, load(pair[0]), None
-        except InputError as exc:
-            return pair, None, str(exc)
+            return (src, dst), load(src), None
+        except Exception as exc:  # whatever a file causes fails that file (not KeyboardInterrupt / SystemExit)
+            return (src, dst), None, describe_failure(src, exc)
 
-    batch: list[tuple[Path, Path, object]] = []
+    batch: list[Entry] = []
     # Read ahead by a bounded window (pool.map would load every input of the job into memory at once).
     todo_iter, pending = iter(todo), deque()
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -95,7 +124,8 @@ def _batches(
                 if error:
                     finished.append(Item(src, dst, "failed", error))
                     continue
-                if batch and (len(batch) == batch_size or _shape(batch[0][2]) != _shape(value)):
+                fits = max(1, max_pixels // pixels(value)) if max_pixels else batch_size
+                if batch and (len(batch) >= min(batch_size, fits) or _shape(batch[0][2]) != _shape(value)):
                     yield finished, batch
                     finished, batch = [], []
                 batch.append((src, dst, value))
@@ -109,16 +139,32 @@ def _shape(value) -> tuple:
     return tuple(value[0].shape)
 
 
-def _write_each(batch, write: Callable[[Path, Path, int], None]) -> Iterator[Item]:
-    for i, (src, dst, _) in enumerate(batch):
+def _run(batch: list[Entry], compute: Callable[[list[Entry]], Sequence]) -> list[tuple[Entry, object, str]]:
+    """``compute`` the batch's outputs as (entry, output, ""); if it fails, each input alone, so that the input
+    that runs out of memory or breaks a kernel fails as (entry, None, message) and the others are still made."""
+    try:
+        return [(entry, out, "") for entry, out in zip(batch, compute(batch))]
+    except Exception as exc:
+        if len(batch) == 1:
+            return [(batch[0], None, describe_failure(batch[0][0], exc))]
+    return [result for entry in batch for result in _run([entry], compute)]
+
+
+def _write_each(results: list[tuple[Entry, object, str]], write: Callable[[Entry, object], None]
+                ) -> Iterator[Item]:
+    for entry, out, error in results:
+        src, dst, _ = entry
+        if error:
+            yield Item(src, dst, "failed", error)
+            continue
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            write(src, dst, i)
+            write(entry, out)
             yield Item(src, dst, "done")
         except OSError as exc:
-            yield Item(src, dst, "failed", f"{dst}: cannot write ({exc.strerror or exc})")
-        except SafetensorError as exc:  # safetensors reports I/O errors (disk full, no permission) as its own type
-            yield Item(src, dst, "failed", f"{dst}: cannot write ({str(exc).splitlines()[0]})")
+            yield Item(src, dst, "failed", f"{display_name(dst)}: cannot write ({exc.strerror or exc})")
+        except Exception as exc:
+            yield Item(src, dst, "failed", describe_failure(dst, exc))
 
 
 def encode_folder(
@@ -131,32 +177,32 @@ def encode_folder(
     overwrite: bool = False,
     seed: int = 0,
     workers: int = 4,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     normalize: bool = False,
 ) -> Iterator[Item]:
-    """Encode images to one latent file each; existing outputs are skipped unless ``overwrite``. ``normalize``
-    writes ``model.normalize(z)`` and records the statistics in the metadata (``normalized``, ``latent_stats``), so
-    that `decode_folder` and `load_latent` undo it."""
+    """Encode images to one latent file each; existing outputs are skipped unless ``overwrite``. An image whose
+    model input would exceed ``max_pixels`` (the whole image with ``keep_size``) fails before it is decoded.
+    ``normalize`` writes ``model.normalize(z)`` and records the statistics in the metadata (``normalized``,
+    ``latent_stats``), so that `decode_folder` and `load_latent` undo it."""
     cfg = model.config
     device = next(model.parameters()).device
     model_meta = {"model_hash": model.file_hash, "model_config": cfg.to_json(), "dgaetok_version": __version__}
     if normalize:
         model_meta |= {"normalized": "true", "latent_stats": model.require_stats().to_json()}
+    root_is_dir = src_root.is_dir()
 
-    def source(src: Path) -> str:
-        return str(src.relative_to(src_root) if src_root.is_dir() else src.name)
+    def source(src: Path) -> str:  # the path below SRC, printable (metadata is UTF-8 JSON)
+        return display_name(os.path.relpath(src, src_root) if root_is_dir else src.name)
 
     def load(path: Path):
+        img = open_image(path, max_pixels, None if keep_size else cfg.resolution)
         try:
-            img, crop = center_crop(open_image(path), cfg.resolution, cfg.downsample, keep_size)
+            img, crop = center_crop(img, cfg.resolution, cfg.downsample, keep_size)
         except ValueError as exc:
-            raise InputError(f"{path}: {exc}") from None
+            raise InputError(f"{display_name(path)}: {exc}") from None
         return to_tensor(img), crop
 
-    yield from job.conflicts
-    for finished, batch in _batches(job.pairs, load, batch_size, overwrite, workers):
-        yield from finished
-        if not batch:
-            continue
+    def compute(batch: list[Entry]) -> torch.Tensor:
         x = torch.stack([value[0] for _, _, value in batch]).to(device)
         with torch.no_grad():
             dist = model.encode(x).latent_dist
@@ -164,15 +210,19 @@ def encode_folder(
             if sample:  # noise per image, so a file's latent does not depend on batching or on a resumed run
                 noise = torch.stack([_posterior_noise(seed, source(src), z.shape[1:]) for src, _, _ in batch])
                 z = dist.mean + dist.std * noise.to(z.device)
-            if normalize:
-                z = model.normalize(z)
+        return model.normalize(z) if normalize else z
 
-        def write(src: Path, dst: Path, i: int) -> None:
-            meta = {**model_meta, **crop_meta(batch[i][2][1]), "sampled": json.dumps(sample),
-                    "source": source(src)}
-            write_latent(dst, z[i], meta)
+    def write(entry: Entry, z: torch.Tensor) -> None:
+        src, dst, (_, crop) = entry
+        meta = {**model_meta, **crop_meta(crop), "sampled": json.dumps(sample), "source": source(src)}
+        write_latent(dst, z, meta)
 
-        yield from _write_each(batch, write)
+    yield from job.conflicts
+    for finished, batch in _batches(job.pairs, load, batch_size, overwrite, workers,
+                                    lambda value: value[0].shape[-1] * value[0].shape[-2], max_pixels):
+        yield from finished
+        if batch:
+            yield from _write_each(_run(batch, compute), write)
 
 
 def _posterior_noise(seed: int, source: str, shape: torch.Size) -> torch.Tensor:
@@ -181,26 +231,43 @@ def _posterior_noise(seed: int, source: str, shape: torch.Size) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
 
 
-def check_latent(model: Tokenizer, path: Path, latent: torch.Tensor, meta: dict[str, str]) -> None:
-    """Refuse latents another model made, or of a shape this model cannot decode."""
+def check_latent(model: Tokenizer, path: Path, latent: torch.Tensor | Sequence[int], meta: dict[str, str],
+                 max_pixels: int | None = None) -> None:
+    """Refuse latents another model made, or of a shape this model cannot decode, or that would decode to more
+    than ``max_pixels`` (`TooLarge`). ``latent`` may be the tensor or just its shape (from the file's header)."""
+    name = display_name(path)
+    shape = tuple(getattr(latent, "shape", latent))
     made_by = meta.get("model_hash", "")
     if model.file_hash and made_by and made_by != model.file_hash:
-        raise InputError(f"{path}: latent was made by model {made_by}, not by the loaded model {model.file_hash}")
+        raise InputError(f"{name}: latent was made by model {made_by}, not by the loaded model {model.file_hash}")
     c = model.config.latent_channels
-    if latent.shape[0] != c:
-        raise InputError(f"{path}: latent has {latent.shape[0]} channels, the model expects {c}")
+    if shape[0] != c:
+        raise InputError(f"{name}: latent has {shape[0]} channels, the model expects {c}")
+    h, w = shape[1:]
+    if h < 1 or w < 1:
+        raise InputError(f"{name}: latent has shape {shape}, an empty image")
+    k = model.latent_multiple
+    if h % k or w % k:
+        raise InputError(f"{name}: latent has shape {shape}; this model decodes sides that are multiples of {k}")
+    f = model.config.downsample
+    check_pixels(path, (w * f, h * f), max_pixels, f"latent {shape} decodes to")
 
 
-def load_latent(model: Tokenizer, path: Path) -> torch.Tensor:
-    """A latent file as ``model`` decodes it: checked to be ``model``'s (`check_latent`), and denormalised with
-    the statistics it records when `encode --normalize` wrote it."""
-    latent, meta = read_latent(path)
-    check_latent(model, path, latent, meta)
+def load_latent(model: Tokenizer, path: Path, max_pixels: int | None = None) -> torch.Tensor:
+    """A latent file as ``model`` decodes it: checked to be ``model``'s (`check_latent`, before its data is read),
+    within any encoder's range, and denormalised with the statistics it records when `encode --normalize` wrote
+    it."""
+    latent, meta = read_latent(path, lambda shape, meta: check_latent(model, path, shape, meta, max_pixels))
+    peak = latent.abs().max().item()
+    if peak > LATENT_LIMIT:
+        raise InputError(f"{display_name(path)}: latent values reach {peak:.3g}, far outside any encoder's "
+                         f"range (within +-{LATENT_LIMIT:g}); was it scaled?")
     if meta.get("normalized") == "true":
         try:
             latent = LatentStats.from_json(meta["latent_stats"]).denormalize(latent)
         except (KeyError, ValueError, TypeError) as exc:
-            raise InputError(f"{path}: marked normalized, but its latent statistics are unreadable ({exc})") from None
+            raise InputError(f"{display_name(path)}: marked normalized, but its latent statistics are unreadable "
+                             f"({exc})") from None
     return latent
 
 
@@ -214,25 +281,36 @@ def decode_folder(
     batch_size: int = 16,
     overwrite: bool = False,
     workers: int = 2,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_step: Callable[[int], None] | None = None,
 ) -> Iterator[Item]:
     """Decode latent files to PNGs. Every image starts from the same seeded noise, so an output does not
-    depend on batch size or on which other files are decoded alongside it."""
+    depend on which other files are decoded alongside it (nor, on the CPU, on the batch size: see
+    `models.images_per_call`). ``on_step(n)``: n images advanced one ODE step (for progress bars)."""
     device = next(model.parameters()).device
+    f = model.config.downsample
 
     def load(path: Path):
-        return (load_latent(model, path),)
+        return (load_latent(model, path, max_pixels),)
 
-    yield from job.conflicts
-    for finished, batch in _batches(job.pairs, load, batch_size, overwrite, workers):
-        yield from finished
-        if not batch:
-            continue
+    def compute(batch: list[Entry]) -> torch.Tensor:
         z = torch.stack([value[0] for _, _, value in batch]).to(device)
-        f = model.config.downsample
         noise_shape = (1, 3, z.shape[2] * f, z.shape[3] * f)
         noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed)).expand(len(batch), -1, -1, -1)
-        images = model.decode(z, steps=steps, sampler=sampler, shift=shift, noise=noise)
-        yield from _write_each(batch, lambda src, dst, i: save_png(images[i], dst))
+        return model.decode(z, steps=steps, sampler=sampler, shift=shift, noise=noise, on_step=on_step)
+
+    def write(entry: Entry, image: torch.Tensor) -> None:
+        src, dst, _ = entry
+        if not torch.isfinite(image).all():  # the PNG would be black: say so instead
+            raise InputError(f"{display_name(src)}: the decoder produced NaN or infinite values")
+        save_png(image, dst)
+
+    yield from job.conflicts
+    for finished, batch in _batches(job.pairs, load, batch_size, overwrite, workers,
+                                    lambda value: value[0].shape[-1] * value[0].shape[-2] * f * f, max_pixels):
+        yield from finished
+        if batch:
+            yield from _write_each(_run(batch, compute), write)
 
 
 def summarize(items: Iterable[Item]) -> dict[str, list[Item]]:
@@ -248,3 +326,70 @@ def encode_job(src: str | Path, dst: str | Path, limit: int | None = None) -> Jo
 
 def decode_job(src: str | Path, dst: str | Path, limit: int | None = None) -> Job:
     return Job.plan(src, dst, {".safetensors"}, ".png", limit)
+
+
+@dataclass
+class FolderSummary:
+    """What a folder of .safetensors files holds (`summarize_folder`)."""
+
+    root: Path
+    latents: dict[str, Counter] = field(default_factory=dict)  # made-by model -> Counter of latent shapes
+    made_by: dict[str, str] = field(default_factory=dict)  # model hash -> "preset f.. c.." from the latents' config
+    models: list[Path] = field(default_factory=list)  # model files
+    other: list[str] = field(default_factory=list)  # one line per file that is neither, or unreadable
+
+    @property
+    def n_latents(self) -> int:
+        return sum(sum(shapes.values()) for shapes in self.latents.values())
+
+
+def summarize_folder(root: str | Path) -> FolderSummary:
+    """Count the latents under ``root`` per model that made them and per shape, list model files, and name every
+    other or unreadable .safetensors file; only headers are read, so a large folder takes seconds."""
+    unreadable: list[str] = []
+    summary = FolderSummary(Path(root))
+    for path in walk_files(root, {".safetensors"}, unreadable):
+        try:
+            header = safetensors_header(path)
+            meta = header.get("__metadata__") or {}
+            if meta.get("format") == FORMAT:
+                summary.models.append(Path(path))
+                continue
+            if meta.get("format") != LATENT_FORMAT or not isinstance(header.get("latent"), dict):
+                raise InputError(f"{display_name(path)}: neither a dgaetok latent nor a model file")
+            shape = tuple(int(n) for n in header["latent"]["shape"])
+            if len(shape) != 3:
+                raise InputError(f"{display_name(path)}: latent has shape {shape}, expected (channels, height, width)")
+            _check_size(path, header)
+        except InputError as exc:
+            summary.other.append(str(exc))
+            continue
+        except (KeyError, TypeError, ValueError) as exc:
+            summary.other.append(f"{display_name(path)}: unreadable latent file ({first_line(exc)})")
+            continue
+        made_by = meta.get("model_hash") or "unknown"
+        summary.latents.setdefault(made_by, Counter())[shape] += 1
+        if made_by not in summary.made_by:
+            summary.made_by[made_by] = _describe_config(meta.get("model_config", ""))
+    summary.other += unreadable
+    return summary
+
+
+def _check_size(path: str, header: dict) -> None:
+    """A file cut short (a copy that stopped, a full disk) is shorter than its header says: checked without
+    reading the data."""
+    with open(path, "rb") as fh:
+        n_header = int.from_bytes(fh.read(8), "little")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = os.stat(path).st_size
+    if size < 8 + n_header + end:
+        raise InputError(f"{display_name(path)}: unreadable latent file (cut short: {size} of {8 + n_header + end} "
+                         f"bytes)")
+
+
+def _describe_config(text: str) -> str:
+    try:
+        c = DGAEConfig.from_json(text)
+    except (ValueError, TypeError):
+        return "config unknown"
+    return f"{c.preset or c.arch} f{c.downsample} c{c.latent_channels}"

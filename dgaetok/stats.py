@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, center_crop, find_files, open_image, to_tensor
+from .files import IMAGE_SUFFIXES, eval_crop, find_files
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def measure(model, paths: Iterable[Path], batch_size: int = 16, source: str = ""
 
     for path in paths:
         try:
-            batch.append(to_tensor(center_crop(open_image(path), resolution, 1)[0]))
+            batch.append(eval_crop(path, resolution))
         except InputError as exc:
             on_skip(str(exc))
             continue

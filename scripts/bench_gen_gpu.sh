@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/bench-gen}
-dgae=${DGAE:-dgae-s-f8c4}
+dgae=${DGAE:-default}
 sdvae=${SDVAE:-runs/compare/sdvae/model.safetensors}
 dgaetok bench gen ../shared/data/train --tokenizer "$dgae" --tokenizer "$sdvae" \
   --dit "${DIT:-DiT-B/2}" --steps "${STEPS:-20000}" --eval-every "${EVAL_EVERY:-2500}" \

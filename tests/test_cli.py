@@ -6,6 +6,7 @@ of the installed entry point, a SIGKILL mid-run).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -32,6 +32,7 @@ from dgaetok.models import file_sha256, load_model
 from conftest import save_tiny_model
 
 runner = CliRunner()
+NOT_AN_IMAGE = "not an image file, or a format Pillow cannot decode"
 SUMMARY = re.compile(r"^(encode|decode): (\d+) written, (\d+) already there \(skipped\), (\d+) failed$")
 
 
@@ -287,9 +288,9 @@ def test_encode_bad_images_fail_one_by_one(tmp_path, album, tiny_model_file):
     assert result.exit_code == 1
     assert summary(result) == (1, 0, 4)
     assert sorted(failures(result)) == sorted([
-        f"failed: {src / 'corrupt.jpg'}: not an image file",
+        f"failed: {src / 'corrupt.jpg'}: {NOT_AN_IMAGE}",
         f"failed: {src / 'empty.png'}: empty file",
-        f"failed: {src / 'x.png'}: not an image file",
+        f"failed: {src / 'x.png'}: {NOT_AN_IMAGE}",
         next(line for line in failures(result) if line.startswith(f"failed: {src / 'sub' / 'truncated.jpg'}: "
                                                                   "corrupt or truncated image (")),
     ])
@@ -321,17 +322,17 @@ def test_encode_resumes_after_an_output_is_deleted(tmp_path, encoded, album, tin
 
 def test_encode_interrupted_mid_batch_then_resumed(tmp_path, encoded, album, tiny_model_file, monkeypatch):
     out = tmp_path / "out"
-    real_save = files.save_file
+    real_write = files.write_file
     calls = []
 
-    def interrupted_save(tensors, filename, metadata=None):
+    def interrupted_write(filename, data):
         calls.append(filename)
         if len(calls) == 3:  # the third file of the first batch: some bytes reach the disk, then Ctrl-C
-            Path(filename).write_bytes(b"\x08\x00\x00\x00half")
+            Path(filename).write_bytes(data[:12])
             raise KeyboardInterrupt
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(filename, data)
 
-    monkeypatch.setattr(files, "save_file", interrupted_save)
+    monkeypatch.setattr(files, "write_file", interrupted_write)
     result = runner.invoke(app, ["encode", str(album), "-o", str(out), "--batch-size", "4",
                                  *model_args(tiny_model_file)])
     assert result.exit_code not in (0, 2)  # click turns Ctrl-C into "Aborted!" and exit 1
@@ -425,15 +426,15 @@ def test_encode_write_failures_are_per_file(tmp_path, album, tiny_model_file, mo
     out.mkdir()
     (out / "sub").write_text("a file where the mirrored folder should go")
     (out / "bsds.safetensors").mkdir()  # a folder in the way is not an encoded file: it must fail, not be skipped
-    real_save = files.save_file
+    real_write = files.write_file
 
-    def disk_full_for_tench(tensors, filename, metadata=None):
+    def disk_full_for_tench(filename, data):
         if "n01440764_tench" in str(filename):
-            Path(filename).write_bytes(b"partial")
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real_save(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(data[:7])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(filename, data)
 
-    monkeypatch.setattr(files, "save_file", disk_full_for_tench)
+    monkeypatch.setattr(files, "write_file", disk_full_for_tench)
     result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
     assert result.exit_code == 1
     assert summary(result) == (0, 0, 5)
@@ -459,19 +460,19 @@ def test_encode_reads_ahead_by_a_bounded_window(tmp_path, tiny_model_file, monke
     for i in range(16):
         write_image(src / f"{i:02d}.png", (64, 64), seed=i)
     loaded, saved, ahead = [], [], []
-    real_open, real_save = pipeline.open_image, files.save_file
+    real_open, real_write = pipeline.open_image, files.write_file
 
-    def counting_open(path):
+    def counting_open(path, *args):
         loaded.append(path)
-        return real_open(path)
+        return real_open(path, *args)
 
-    def counting_save(tensors, filename, metadata=None):
+    def counting_write(filename, data):
         ahead.append(len(loaded) - len(saved))
         saved.append(filename)
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(filename, data)
 
     monkeypatch.setattr(pipeline, "open_image", counting_open)
-    monkeypatch.setattr(files, "save_file", counting_save)
+    monkeypatch.setattr(files, "write_file", counting_write)
     result = cli("encode", src, "-o", tmp_path / "out", "--batch-size", 2, "--workers", 1, *model_args(tiny_model_file))
     assert result.exit_code == 0 and summary(result) == (16, 0, 0)
     # the batch being written, the input that closed it, and a window of batch size + 2 x workers
@@ -538,13 +539,14 @@ def test_non_model_safetensors_as_model(tmp_path, album, encoded):
                       str(latent), "not a dgaetok model file")
 
 
-def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file):
+def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file, monkeypatch):
     out = tmp_path / "out"
     assert_user_error(cli("decode", encoded, "-o", out, "--sampler", "rk4", *model_args(tiny_model_file)),
                       "--sampler rk4", "euler, heun")
     assert_user_error(cli("decode", encoded, "-o", out, "--model", tiny_model_file, "--device", "tpu9"),
                       "--device tpu9", "not a torch device")
-    if not torch.cuda.is_available():
+    with monkeypatch.context() as patch:  # a machine without CUDA, whatever this one has
+        patch.setattr(torch.cuda, "is_available", lambda: False)
         for command in ("encode", "decode"):
             assert_user_error(cli(command, encoded, "-o", out, "--model", tiny_model_file, "--device", "cuda"),
                               "--device cuda", "CUDA is not available")
@@ -557,6 +559,18 @@ def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_
     assert not out.exists()
 
 
+def test_train_on_a_folder_without_a_readable_image(tmp_path):
+    """One line naming the folder, exit 2, and no --out folder left behind."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not a jpeg")
+    (data / "b.png").write_text("text")
+    result = cli("train", data, "--out", out, "--preset", "dgae-t", "--resolution", 32, "-f", 8, "-c", 4,
+                 "--steps", 1, "--workers", 0, "--lpips-weight", 0, "--device", "cpu")
+    assert_user_error(result, str(data), "no readable image among its 2 image files")
+    assert not out.exists()
+
+
 def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_file):
     """Rich markup must not eat `[bold]` in a file name, nor crash on `[/b]`."""
     src = tmp_path / "src"
@@ -566,8 +580,8 @@ def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_fil
     write_image(src / "ok[red].png", (64, 64))
     result = cli("encode", src, "-o", tmp_path / "out", *model_args(tiny_model_file))
     assert result.exit_code == 1
-    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: not an image file",
-                                        f"failed: {src / 'c[bold]x.png'}: not an image file"]
+    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: {NOT_AN_IMAGE}",
+                                        f"failed: {src / 'c[bold]x.png'}: {NOT_AN_IMAGE}"]
     latent = tmp_path / "out" / "ok[red].safetensors"
     result = cli("info", latent)
     assert result.exit_code == 0 and "ok[red].png" in result.stdout
@@ -575,6 +589,22 @@ def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_fil
 
 
 # --- decode ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_round_trip_matches_the_cpu_one(tmp_path, album, encoded, decoded, tiny_model_file):
+    """--device cuda end to end: the same files, latents equal to bf16 precision, images within a few levels."""
+    result = cli("encode", album, "-o", tmp_path / "latents", "--model", tiny_model_file, "--device", "cuda")
+    assert result.exit_code == 0 and summary(result) == (5, 0, 0)
+    for rel in ALBUM_LATENTS:
+        torch.testing.assert_close(read_latent(tmp_path / "latents" / rel)[0], read_latent(encoded / rel)[0],
+                                   atol=0.05, rtol=0.05)
+    result = cli("decode", encoded, "-o", tmp_path / "pngs", "--steps", 2, "--model", tiny_model_file,
+                 "--device", "cuda")
+    assert result.exit_code == 0 and summary(result) == (5, 0, 0)
+    for rel in outputs(decoded, ""):
+        a, b = (np.asarray(Image.open(folder / rel), dtype=np.int16) for folder in (tmp_path / "pngs", decoded))
+        assert np.abs(a - b).mean() < 4, rel
 
 
 def test_round_trip_gives_a_png_per_input_at_model_resolution(decoded, encoded):
@@ -685,8 +715,7 @@ def test_info_errors(tmp_path, album):
     text = tmp_path / "x.png"
     text.write_text("hello")
     cases = [
-        (tmp_path / "missing.safetensors", "no such file"),
-        (tmp_path, "no such file"),
+        (tmp_path / "missing.safetensors", "no such file or folder"),
         (album / "bsds.jpg", "not a safetensors file"),
         (text, "not a safetensors file"),
         (other, "neither a dgaetok model nor a latent file"),
@@ -694,6 +723,38 @@ def test_info_errors(tmp_path, album):
     ]
     for path, message in cases:
         assert_user_error(cli("info", path), str(path), message)
+
+
+def test_info_on_a_folder_summarises_its_latents(tmp_path, encoded, tiny_model_file, other_model_file):
+    folder = copy_tree(encoded, tmp_path / "latents")
+    write_latent(folder / "other.safetensors", torch.zeros(4, 6, 8), {"model_hash": file_sha256(other_model_file)})
+    shutil.copy(tiny_model_file, folder / "sub" / "model.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\x00" * 40)
+    (folder / "cut.safetensors").write_bytes((encoded / ALBUM_LATENTS[0]).read_bytes()[:-10])
+    result = cli("info", folder)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"latents\s+6, made by 2 model\(s\)", result.stdout)
+    assert re.search(rf"model {file_sha256(tiny_model_file)}\s+dgae-t f8 c4: 5 x \(4, 8, 8\)", result.stdout)
+    assert re.search(rf"model {file_sha256(other_model_file)}\s+config unknown: 1 x \(4, 6, 8\)", result.stdout)
+    flat = re.sub(r"\s+", "", result.stdout)  # long paths fold over lines
+    assert f"modelfiles{folder}/sub/model.safetensors".replace(" ", "") in flat
+    assert re.search(r"other\s+2 \.safetensors file\(s\) unreadable", result.stdout)
+    assert f"{folder / 'broken.safetensors'}: not a safetensors file" in result.stdout
+    assert f"{folder / 'cut.safetensors'}: unreadable latent file (cut short" in result.stdout
+
+
+def test_help_names_arguments_and_describes_every_option():
+    for command in ("encode", "decode", "info", "train", "bench rfid"):
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        assert "{" not in usage and re.search(r"\[OPTIONS\] [A-Z]+", usage), usage
+        assert "<bool>" not in result.output
+    for command in ("encode", "decode"):
+        help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        options = re.findall(r"│ [ *] +(--[a-z-]+)(?: +-\w)? +(?:<[^>]+>(?: \[[^]]+\])?)? *(\S.*?)? *│", help_text)
+        described = {name for name, text in options if text}
+        assert {"--overwrite", "--device", "--max-pixels", "--output"} <= described, options
 
 
 # --- the real console command -----------------------------------------------------------------------------------
@@ -719,6 +780,41 @@ def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"failed: {src / 'b.png'}: not an image file",
+    assert lines == [f"failed: {src / 'b.png'}: {NOT_AN_IMAGE}",
                      "encode: 1 written, 0 already there (skipped), 1 failed"]
     assert outputs(tmp_path / "o2", "") == ["a.safetensors"]
+
+
+def test_the_decode_bar_moves_with_every_step(monkeypatch):
+    """The bar counts images x steps: a batch of two at 3 steps moves at each step, before any file is done."""
+    import dgaetok.cli as cli_module
+    from dgaetok.pipeline import Item
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *columns, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total, **fields):
+            seen.append(("total", total))
+            return 0
+
+        def update(self, task, completed=None, **fields):
+            seen.append(("at", completed))
+
+    def items(on_step):
+        for _ in range(3):
+            on_step(2)  # one ODE step of a batch of two images
+        yield Item(Path("a"), Path("a.png"), "done")
+        yield Item(Path("b"), Path("b.png"), "done")
+
+    monkeypatch.setattr(cli_module, "Progress", Recorder)
+    cli_module.run_job([None, None], items, "decode", steps=3)  # no failure: returns
+    assert seen == [("total", 6), ("at", 2), ("at", 4), ("at", 6), ("at", 6), ("at", 6)]
