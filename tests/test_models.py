@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -363,3 +365,11 @@ def test_split_and_join_model_files(tmp_path):
     for (name, p), q in zip(model.state_dict().items(), joined.state_dict().values()):
         torch.testing.assert_close(q, p.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)  # stored in bf16
     assert read_model_file(tmp_path / "j.safetensors")[0]["note"] == "x"
+    # joined on another machine (here: another process, another hash seed), the file is the same, byte for byte:
+    # a GPU call and the CPU that scores its model name that model by the joined file's hash
+    code = ("import sys; from pathlib import Path; from dgaetok.models import join_model_files; "
+            "join_model_files(sorted(Path(sys.argv[1]).glob('*.safetensors')), sys.argv[2])")
+    for dst in ("k1.safetensors", "k2.safetensors"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / dst)], check=True)
+    assert file_sha256(tmp_path / "k1.safetensors") == file_sha256(tmp_path / "k2.safetensors") \
+        == file_sha256(tmp_path / "j.safetensors")
