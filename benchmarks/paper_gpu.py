@@ -119,7 +119,7 @@ class State:
     def pending(self, group: dict) -> tuple[list[str], list[str]]:
         """(models to train, DiTs to run) of a call group: models not recorded, DiTs not recorded, and the
         models those DiTs need, which exist only in the call that trains them."""
-        dits = [t for t in group.get("dit", []) if t not in self.data["dits"]]
+        dits = [t for t in group.get("dit", []) if self.data["dits"].get(t, {}).get("status") in (None, "lost")]
         need = [m for m in group["train"] if m not in self.data["models"] or m in dits]
         return need, dits
 
@@ -322,43 +322,86 @@ def collect(args) -> int:
     for tok, d in call["dits"].items():
         if d["status"] != "sampled":
             print(f"dit {tok}: {d['status']}")
-            continue
-        if tok == "default":
-            transported[tok] = runs / "transported" / "default.safetensors"
-            shutil.copyfile(resolve_model(args.default_model), transported[tok])
-        score_dit(tok, d, [files / f for f in d["files"]], transported[tok], call, state, args)
+        elif state.data["dits"].get(tok, {}).get("status") in ("sampled", "scored"):
+            print(f"dit {tok}: already recorded (call {state.data['dits'][tok]['call']})")
+        else:
+            spool_dit(tok, d, files, transported, call, state, args)
+    if not args.no_score:
+        score(args, state)
     print_status(state)
     return 0
 
 
-def score_dit(tok: str, d: dict, files: list[Path], model: Path, call: dict, state: State, args) -> None:
-    """Decode and score one DiT's samples into the committed curve.csv (resumable: rows there are skipped)."""
+def spool_dit(tok: str, d: dict, files: Path, transported: dict[str, Path], call: dict, state: State, args) -> None:
+    """Keep a DiT's samples and its tokenizer in the spool until they are scored: scoring takes CPU-hours (RESULTS.md)
+    and may span sessions; the samples are too large to commit, so they survive only where this machine keeps
+    ``--spool``, outside the clone."""
+    where = f"{re.sub(r'[^0-9]', '', call['started'])}/{tok}"
+    folder = args.spool / where
+    folder.mkdir(parents=True, exist_ok=True)
+    model = transported.get(tok) or resolve_model(args.default_model)  # "default": the file the call read
+    shutil.copyfile(model, folder / f"{tok}.safetensors")
+    if file_sha256(folder / f"{tok}.safetensors") != d["model_hash"]:
+        raise InputError(f"{model}: not the model the DiT's samples were drawn on ({d['model_hash']})")
+    for name in d["files"]:
+        shutil.copyfile(files / name, folder / name)
+    state.data["dits"][tok] = {**{k: v for k, v in d.items() if k != "status"}, "status": "sampled",
+                               "call": call["started"], "card": call["card"], "spool": where}
+    state.write()
+
+
+def score(args, state: State | None = None) -> int:
+    """Decode and score the spooled DiT samples into the committed curve.csv: the last evaluation of every DiT
+    first, so that a stopped run leaves comparable points. Resumable file by file."""
+    state = state or State(args.state, args.scale)
+    sampled = {t: d for t, d in state.data["dits"].items() if d["status"] == "sampled"}
+    for tok, d in list(sampled.items()):
+        if not all((args.spool / d["spool"] / f).is_file() for f in d["files"] + [f"{tok}.safetensors"]):
+            print(f"dit {tok}: its samples are gone from {args.spool / d['spool']} (this machine did not keep "
+                  "them): its call group runs again")
+            state.data["dits"][tok]["status"] = "lost"
+            del sampled[tok]
+    state.write()
+    if not sampled:
+        return 0
     gen_out = args.runs / "gen"
     gen_out.mkdir(parents=True, exist_ok=True)
     for name in ("curve.csv", "eval.json"):  # the committed curve, so that scored rows are skipped
         if (args.state / name).is_file():
             shutil.copyfile(args.state / name, gen_out / name)
-    cfg = gen_config(args.scale, data=str(args.gen_data), tokenizers=[str(model)], out=str(gen_out),
+    models = [str(args.spool / d["spool"] / f"{t}.safetensors") for t, d in sampled.items()]
+    cfg = gen_config(args.scale, data=str(args.gen_data), tokenizers=models, out=str(gen_out),
                      batch_size=args.decode_batch, device="cpu")
-    start = time.time()
-    score_deferred(cfg, files, log=lambda line: print(line, flush=True))
-    rows = [r for r in read_curve(gen_out / "curve.csv")]
-    write_curve(args.state / "curve.csv", rows)
-    shutil.copyfile(gen_out / "eval.json", args.state / "eval.json")
-    if (gen_out / "curve.png").is_file():
-        shutil.copyfile(gen_out / "curve.png", args.state / "curve.png")
-    last = max(int(f.name.rsplit("step-", 1)[1].split(".")[0]) for f in files)
-    grid = gen_out / tok / "samples" / f"step-{last:07d}.png"
-    if grid.is_file():  # the last evaluation's first 16 samples, at half size: small enough to commit
-        from PIL import Image
-        img = Image.open(grid)
-        (args.state / "samples").mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.state / "samples" / f"{tok}.png") as tmp:
-            img.resize((img.width // 2, img.height // 2), Image.BICUBIC).save(tmp, format="PNG")
-    state.data["dits"][tok] = {**{k: v for k, v in d.items() if k != "status"}, "call": call["started"],
-                               "card": call["card"], "tokenizer_sha256": file_sha256(model),
-                               "score_seconds": time.time() - start}
+    step_of = lambda name: int(name.rsplit("step-", 1)[1].split(".")[0])  # noqa: E731
+    order = sorted(((t, f) for t, d in sampled.items() for f in d["files"]), key=lambda tf: (-step_of(tf[1]), tf[0]))
+    for tok, name in order:
+        start = time.time()
+        d = sampled[tok]
+        if score_deferred(cfg, [args.spool / d["spool"] / name], log=lambda line: print(line, flush=True)):
+            d["score_seconds"] = d.get("score_seconds", 0.0) + time.time() - start
+        write_curve(args.state / "curve.csv", read_curve(gen_out / "curve.csv"))
+        shutil.copyfile(gen_out / "eval.json", args.state / "eval.json")
+        if (gen_out / "curve.png").is_file():
+            shutil.copyfile(gen_out / "curve.png", args.state / "curve.png")
+        grid = gen_out / tok / "samples" / f"step-{step_of(name):07d}.png"
+        if step_of(name) == max(map(step_of, d["files"])) and grid.is_file():
+            save_half(grid, args.state / "samples" / f"{tok}.png")  # the last evaluation's first 16 samples
+        state.write()
+    for tok, d in sampled.items():
+        d["status"] = "scored"
+        shutil.rmtree(args.spool / d.pop("spool"), ignore_errors=True)
     state.write()
+    return 0
+
+
+def save_half(src: Path, dst: Path) -> None:
+    """A PNG at half its size: small enough to commit."""
+    from PIL import Image
+
+    img = Image.open(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        img.resize((img.width // 2, img.height // 2), Image.BICUBIC).save(tmp, format="PNG")
 
 
 def write_table(state: State, scale: table2.Scale, args) -> None:
@@ -383,6 +426,9 @@ def print_status(state: State) -> None:
         what = ", ".join(group["train"]) + (f"; DiTs on {', '.join(group['dit'])}" if group.get("dit") else "")
         left = ", ".join(models + [f"DiT {t}" for t in dits])
         print(f"call group {i + 1}: {what}: " + (f"to do: {left}" if left else "done"))
+    waiting = [t for t, d in state.data["dits"].items() if d["status"] == "sampled"]
+    if waiting:
+        print(f"DiT samples to score here (`paper_gpu.py score`): {', '.join(waiting)}")
     spent = sum(c["gpu_minutes"] for c in state.data["calls"])
     print(f"{len(state.data['calls'])} calls so far, {spent:.1f} GPU-minutes; table "
           + ("complete" if state.table_done() else "not complete"))
@@ -407,6 +453,14 @@ def main() -> int:
     common.add_argument("--default-model", default=DEFAULT_MODEL, help="the tokenizer called 'default' in the plan")
     common.add_argument("--seed", type=int, default=0)
     sub.add_parser("plan", parents=[common], help="write state.json if missing; show what is done and to do")
+    scoring = argparse.ArgumentParser(add_help=False)
+    scoring.add_argument("--gen-data", default=str(ROOT.parent / "shared" / "data" / "train"),
+                         help="the DiT's reference images: the photos the pack was made from")
+    scoring.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper-gpu", help="joined models, caches")
+    scoring.add_argument("--spool", type=Path, default=Path.home() / ".cache" / "dgaetok" / "paper-gpu-spool",
+                         help="DiT samples and their tokenizers until scored (outside the clone)")
+    scoring.add_argument("--decode-batch", type=int, default=16)
+    sub.add_parser("score", parents=[common, scoring], help="here: decode and score the spooled DiT samples")
     dev = sub.add_parser("device", parents=[common], help="on the device: the next call groups")
     dev.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "paper-gpu" / "out")))
     dev.add_argument("--pack", type=Path, default=ROOT / ".gpu", help="from scripts/make_gpu_pack.py")
@@ -414,22 +468,19 @@ def main() -> int:
     dev.add_argument("--deadline", type=float, default=None, help="unix time by which the call must be done")
     dev.add_argument("--session-minutes", type=float, default=9.0, help="the call's time when no --deadline")
     dev.add_argument("--groups", type=int, default=2, help="call groups to work on, while time is left")
-    col = sub.add_parser("collect", parents=[common], help="here: join, score and record a call's files")
+    col = sub.add_parser("collect", parents=[common, scoring], help="here: join, score and record a call's files")
     col.add_argument("files", type=Path, help="what the device call returned (its files_at folder)")
     col.add_argument("--gpu-minutes", type=float, default=None, help="the session's device time, as the tool "
                                                                      "reports it (default: the call's wall time)")
     col.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500"))
-    col.add_argument("--gen-data", default=str(ROOT.parent / "shared" / "data" / "train"),
-                     help="the DiT's reference images: the photos the pack was made from")
-    col.add_argument("--runs", type=Path, default=ROOT / "runs" / "paper-gpu", help="joined models, caches")
     col.add_argument("--grid-rows", type=int, default=4)
-    col.add_argument("--decode-batch", type=int, default=16)
+    col.add_argument("--no-score", action="store_true", help="spool the DiT samples, score them later (`score`)")
     args = parser.parse_args()
     if args.state is None:
         suffix = "" if args.scale == "gpu" else f"-{args.scale}"
         args.state = ROOT / "benchmarks" / "results" / f"paper-gpu{suffix}"
     try:
-        return {"plan": plan, "device": device, "collect": collect}[args.command](args)
+        return {"plan": plan, "device": device, "collect": collect, "score": score}[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -44,8 +44,10 @@ def test_two_sessions_carry_state_and_finish_table_and_curves(tmp_path, shared_d
     pack = tmp_path / "pack"
     run("scripts/make_gpu_pack.py", "--data", photos, "--out", pack, "--no-wheels")
     device = ("--pack", pack, "--default-model", tiny_model_file, "--groups", "1")
-    collect = ("--eval-data", shared_data / "eval" / "imagenet-val500", "--gen-data", photos, "--default-model",
-               tiny_model_file, "--grid-rows", "2", "--decode-batch", "3")
+    spool = tmp_path / "spool"  # outside the clones: what this machine keeps between sessions, if it does
+    scoring = ("--gen-data", photos, "--default-model", tiny_model_file, "--decode-batch", "3")
+    collect = ("--eval-data", shared_data / "eval" / "imagenet-val500", "--grid-rows", "2", "--spool", spool,
+               *scoring)
 
     # session 1: the committed plan; the call trains the first group (the c8 pair), calibrating both families
     state1 = tmp_path / "clone1" / "state"
@@ -93,12 +95,28 @@ def test_two_sessions_carry_state_and_finish_table_and_curves(tmp_path, shared_d
     assert call["dits"]["default"]["files"] == ["default.step-0000002.safetensors",
                                                 "default.step-0000004.safetensors"]
     assert call["returned"]["problems"] == [] and call["returned"]["files"] == 7
-    paper("collect", state2, out2, "--runs", tmp_path / "runs2", *collect)
+    # the samples wait in the spool: scoring them takes CPU-hours at the GPU scale, so it may go on in a later
+    # session; one whose machine lost the spool marks them lost, and the plan runs their group again
+    paper("collect", state2, out2, "--runs", tmp_path / "runs2", "--no-score", *collect)
+    state = json.loads((state2 / "state.json").read_text())
+    assert {t: d["status"] for t, d in state["dits"].items()} == {"default": "sampled", "c4-sdvae": "sampled"}
+    assert "DiT samples to score here" in paper("plan", state2).stdout
+    unlucky = tmp_path / "clone-unlucky" / "state"
+    shutil.copytree(state2, unlucky)
+    lost = paper("score", unlucky, "--runs", tmp_path / "runs-unlucky", "--spool", tmp_path / "empty", *scoring)
+    assert "its samples are gone" in lost.stdout
+    assert "to do: c4-sdvae, DiT default, DiT c4-sdvae" in paper("plan", unlucky).stdout  # retrained for its DiT
+
+    state3 = tmp_path / "clone3" / "state"  # session 3, on a machine that kept the spool
+    shutil.copytree(state2, state3)
+    paper("score", state3, "--runs", tmp_path / "runs3", "--spool", spool, *scoring)
+    assert not list(spool.rglob("*.safetensors"))  # scored: the spool is emptied
+    state2 = state3
 
     state = json.loads((state2 / "state.json").read_text())
     assert [c["status"] for c in state["calls"]] == ["done", "done", "done"] and len(state["models"]) == 4
-    assert set(state["dits"]) == {"default", "c4-sdvae"}
-    assert state["dits"]["c4-sdvae"]["tokenizer_sha256"] == state["models"]["c4-sdvae"]["sha256"]
+    assert {t: d["status"] for t, d in state["dits"].items()} == {"default": "scored", "c4-sdvae": "scored"}
+    assert state["dits"]["c4-sdvae"]["model_hash"] == state["models"]["c4-sdvae"]["sha256"]
     table = json.loads((state2 / "table2.json").read_text())["rows"]
     assert [(r["channels"], r["family"]) for r in table] == [(8, "sdvae"), (8, "dgae"), (4, "sdvae"), (4, "dgae")]
     assert "| 64 (4x4x4) | DGAE (dgae-t)" in (state2 / "table2.md").read_text()
@@ -113,7 +131,7 @@ def test_two_sessions_carry_state_and_finish_table_and_curves(tmp_path, shared_d
 
     # what was committed is small, and the joined model is the device's file, byte for byte
     assert sum(p.stat().st_size for p in state2.rglob("*") if p.is_file()) < 2 * 2**20
-    joined = tmp_path / "runs2" / "transported" / "c4-dgae.safetensors"
+    joined = tmp_path / "runs2" / "transported" / "c4-dgae.safetensors"  # collect of session 2 joined it
     assert file_sha256(joined) == call["models"]["c4-dgae"]["sha256"]
     assert load_model(joined).config.preset == "dgae-t"
     # a state made for another plan is refused in one line
