@@ -1,7 +1,7 @@
 """The paper's two claims on lent GPU sessions: Table 2 in miniature and DiT convergence on the latents (issue 17).
 
     python benchmarks/paper_gpu.py plan                           # here: the plan and what the next call will do
-    run(command="bash scripts/paper_gpu.sh", carry=[".gpu"], timeout_s=600, kind="nvidia-h100-x1")   # the device
+    run(command="bash scripts/paper_gpu.sh", carry=[".gpu"], timeout_s=600)   # the device
     python benchmarks/paper_gpu.py collect <files_at> --gpu-minutes M    # here: join, score, record, tabulate
 
 A lent session gives one device call of at most 10 minutes, and nothing of it survives but what comes back through

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's prepared device call: the next call group of benchmarks/paper_gpu.py's plan (Table 2 models, DiTs).
 #   python scripts/make_gpu_pack.py          # once per session: .gpu/ (photos, wheels, LPIPS-alex); checks 64 MiB
-#   run(command="bash scripts/paper_gpu.sh", carry=[".gpu"], timeout_s=600, kind="nvidia-h100-x1")
+#   run(command="bash scripts/paper_gpu.sh", carry=[".gpu"], timeout_s=600)
 # then, back here, in the same session (the trained models exist only in the call's files):
 #   python benchmarks/paper_gpu.py collect <files_at> --gpu-minutes <the session's device minutes>
 # The state it works from is the committed benchmarks/results/paper-gpu/state.json: commit what collect wrote
