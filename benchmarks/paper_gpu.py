@@ -54,9 +54,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import table2  # noqa: E402
 from dgaetok.errors import InputError  # noqa: E402
-from dgaetok.files import atomic_path, save_grid  # noqa: E402
+from dgaetok.files import atomic_path  # noqa: E402
 from dgaetok.gen import GenConfig, bench_gen, read_curve, score_deferred, write_curve  # noqa: E402
-from dgaetok.models import (DEFAULT_MODEL, file_sha256, join_model_files, resolve_model,  # noqa: E402
+from dgaetok.models import (DEFAULT_MODEL, file_sha256, join_model_files, load_model, resolve_model,  # noqa: E402
                             split_model_file)
 
 SHARD_BYTES = 16 * 2**20
@@ -85,6 +85,9 @@ GEN = {
                  num_samples=8, sample_steps=2, cfg=1.0, decode_steps=2, decode_shift=0.5, conditional=False,
                  seed=0),
 }
+# The latent every DiT of the plan trains on: equal steps are equal compute only on latents of one shape (the
+# default must be the GPU default, dgae-s2 f16c8, not the CPU stand-in's f8c4).
+DIT_LATENT = {"gpu": [8, 16, 16], "tiny": None}
 # Seconds a model or a DiT needs beyond its training: building it, LPIPS, decoding the pack onto the device,
 # shards and export; and the final export of a call. Estimates for the time guard, not measurements.
 OVERHEAD_S = {"gpu": {"model": 25.0, "dit": 60.0, "reserve": 15.0}, "tiny": {"model": 0.0, "dit": 0.0,
@@ -232,6 +235,10 @@ def run_dit(tok: str, args, transported: dict[str, Path], left, overhead: float)
         shutil.copyfile(resolve_model(args.default_model), transported[tok])
     if tok not in transported:
         return {"status": "not run: its tokenizer was not trained in this call"}
+    shape = list(load_model(transported[tok]).config.latent_shape)
+    if DIT_LATENT[args.scale] not in (None, shape):
+        return {"status": f"not run: latents {'x'.join(map(str, shape))}, not the plan's "
+                          f"{'x'.join(map(str, DIT_LATENT[args.scale]))}"}
     minutes = GEN[args.scale]["minutes"]  # all of it or none: DiTs of one plan train the same steps
     if minutes * 60 + overhead > left():
         return {"status": "not run: no time left"}
