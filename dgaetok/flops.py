@@ -32,13 +32,14 @@ def training_flops_per_image(config: DGAEConfig, lpips_net: str | None = "vgg") 
     return count_flops(lambda: loss_of(x).backward()) / 2
 
 
-def seconds_per_call(fn: Callable[[], object], device: torch.device, min_time: float, warmup: int = 2) -> float:
-    """Mean wall time of ``fn()`` over at least ``min_time`` seconds (and 3 calls), after ``warmup`` calls."""
+def seconds_per_call(fn: Callable[[], object], device: torch.device, min_time: float, warmup: int = 2,
+                     min_calls: int = 3) -> float:
+    """Mean wall time of ``fn()`` over at least ``min_time`` seconds and ``min_calls`` calls, after ``warmup``."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     calls, start = 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < min_time:
+    while calls < min_calls or time.perf_counter() - start < min_time:
         fn()
         calls += 1
         synchronize(device)

@@ -16,7 +16,6 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
 from .models import DGAEConfig, build_model
 
 T = TypeVar("T")
@@ -62,6 +61,8 @@ def training_loss(config: DGAEConfig, lpips_net: str | None = "vgg", device: tor
     """(model, loss_of) for one training forward of ``config`` on ``device``: ``loss_of(x)`` returns the loss of
     `DGAELoss` (or `SDVAELoss` with its GAN term on) for images ``x``, as `train.train` computes it. The LPIPS
     network (None: no perceptual term) has a random trunk: its memory does not depend on the weights."""
+    from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net  # lpips: only when counting
+
     with torch.device(device):
         model = build_model(config).train()
         # .to: lpips makes its scaling buffers with the legacy torch.Tensor constructor, which ignores the context
@@ -94,17 +95,17 @@ def largest_batch(try_batch: Callable[[int], T], start: int, refine: int = 0) ->
     fits, fails, result = None, None, None
     batch = start
     while True:
+        failed = False
         try:
             result, fits = try_batch(batch), batch
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise
-            fails = batch
-        # outside the except block: its traceback, and the tensors its frames hold, are gone before the cache is
-        # emptied
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            fails, failed = batch, True
+        if failed:  # outside the except block, whose traceback holds the failed attempt's tensors
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if fits is None:
             batch = max(1, batch // 2)
         elif fails is None or refine == 0 or fails - fits <= 1:

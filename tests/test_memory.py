@@ -56,3 +56,19 @@ def test_largest_batch_halves_on_oom_then_bisects():
     assert largest_batch(run, 16, refine=3) == (16, "ran 16") and tried == [16]
     with pytest.raises(torch.cuda.OutOfMemoryError):
         largest_batch(lambda b: run(100), 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_largest_batch_recovers_from_real_cuda_ooms():
+    """Batches of 1 GiB blocks: far more than the card holds fails, and after emptying the cache a batch that
+    fits runs."""
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    def run(batch: int) -> float:
+        block = torch.empty(batch, 2**28, device="cuda")  # batch GiB
+        return float(block.numel())
+
+    batch, numel = largest_batch(run, 1 << (int(total_gib) * 4).bit_length(), refine=2)
+    assert 0.25 * total_gib < batch < total_gib and numel == batch * 2**28
+    assert torch.cuda.memory_allocated() < 2**30
