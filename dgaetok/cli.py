@@ -535,6 +535,8 @@ def bench_gen(
     sample_steps: int = typer.Option(50, min=1, help="Euler steps of the DiT's flow when sampling."),
     cfg: float = typer.Option(1.0, help="Classifier-free guidance scale (1: none, as the paper reports)."),
     decode_steps: int = typer.Option(50, min=1, help="Tokenizer decode steps (ignored by SD-VAE)."),
+    decode_shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the tokenizer's decoding (<1: "
+                                       "more steps near the image; 0.5 suits few steps)."),
     unconditional: bool = typer.Option(False, help="Ignore folder labels."),
     limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),
     seed: int = typer.Option(0),
@@ -549,7 +551,7 @@ def bench_gen(
     prepare_output_dir(output)
     config = GenConfig(str(data), list(tokenizer), str(output), dit, steps, minutes, eval_every, num_samples,
                        batch_size, lr, ema_decay, sample_steps, cfg, decode_steps, not unconditional, limit, seed,
-                       str(dev), [None if d == "-" else d for d in latents])
+                       str(dev), [None if d == "-" else d for d in latents], decode_shift=decode_shift)
     result = run(config, log=lambda line: console.print(escape(line), highlight=False))
     table = Table("tokenizer", "latent", "DiT", "step", "train min", "gFID", "sFID", "precision", "recall",
                   title=f"{result.images} images from {escape(str(data))}, {num_samples} samples, device {dev}")

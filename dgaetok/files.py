@@ -324,6 +324,33 @@ def save_grid(images: torch.Tensor, columns: int, path: str | os.PathLike) -> No
     save_png(make_grid(images.cpu(), nrow=columns, padding=2, pad_value=1.0), path)
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on ``tensors`` and ``metadata``: keys sorted, tensors in name
+    order. safetensors' own writer orders the metadata by a hash seed drawn per process, so one model saved by
+    two processes hashes differently; a file joined from shards here and on a GPU machine must not."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for data in blobs:
+            fh.write(data)
+
+
 # --- latent files ---------------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import flow
 from .errors import InputError
-from .files import atomic_path
+from .files import atomic_path, write_safetensors
 from .stats import LatentStats
 from .unet import UNet
 from .vae import Checkpointed, Decoder, DiagonalGaussian, Encoder, ch_mult_for
@@ -490,8 +490,7 @@ def save_with_stats(src: str | os.PathLike, stats: LatentStats, dst: str | os.Pa
     the tensors are copied as stored, in their dtype."""
     meta, tensors = read_model_file(src)
     check_stats(config_of(meta, src), stats, dst)
-    with atomic_path(dst) as tmp:
-        save_file(tensors, str(tmp), metadata={**meta, "latent_stats": stats.to_json()})
+    write_safetensors(tensors, dst, {**meta, "latent_stats": stats.to_json()})
 
 
 def check_stats(config: DGAEConfig, stats: LatentStats, path: str | os.PathLike) -> LatentStats:
@@ -572,8 +571,7 @@ def join_model_files(shards: list[str | os.PathLike], dst: str | os.PathLike) ->
         raise InputError(f"{dst}: the shards given are not one complete set (found shards {found})")
     meta = {k: v for k, v in parts[0][0].items() if k != "shard"}
     tensors = {k: v for _, part in parts for k, v in part.items()}
-    with atomic_path(dst) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(tensors, dst, meta)  # the same bytes on every machine: the joined file's hash names it
     return Path(dst)
 
 

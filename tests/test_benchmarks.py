@@ -96,7 +96,7 @@ def test_table2_driver_trains_pauses_resumes_and_tabulates(tmp_path, shared_data
     rows = {r["family"]: r for r in result["rows"]}
     assert set(rows) == {"sdvae", "dgae"}
     for family, row in rows.items():
-        assert row["train_steps"] == plan["runs"][f"c8-{family}"]["steps"] > 1
+        assert row["train_steps"] == plan["calibration"][family]["steps"] > 1
         assert row["latent"] == 8 * 4 * 4 and row["images"] == 3
         assert row["encoder_params"] == rows["dgae"]["encoder_params"]  # one encoder for both families
         assert 0 < row["psnr"] < 60 and 0 <= row["lpips"]
@@ -104,6 +104,7 @@ def test_table2_driver_trains_pauses_resumes_and_tabulates(tmp_path, shared_data
     assert "| 128 (4x4x8) | SD-VAE (sdvae-t)" in (out / "table2.md").read_text()
     from PIL import Image
     assert Image.open(out / "table2-grid.png").size == (3 * 66 + 2, 2 * 66 + 2)  # original | SD-VAE | DGAE, 2 rows
+    assert Image.open(out / "table2.png").size == (840, 360)  # PSNR and LPIPS against latent size
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} | {p: p.stat().st_mtime_ns
                                                                               for p in out.rglob("rfid.json")}

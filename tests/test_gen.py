@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from dgaetok.cli import app
 from dgaetok.dit import DiT, DiT_models, sincos_pos_embed
+from dgaetok.errors import InputError
 from dgaetok.metrics import gen_features, gen_metrics, manifold_radii, precision_recall
 from dgaetok.pretrained import fid_inception
 
@@ -293,3 +294,43 @@ def test_bench_gen_uses_the_model_files_statistics(tmp_path, labelled, tiny_mode
     with safe_open(str(fresh / name / "dit.safetensors"), framework="pt") as fh:
         assert fh.get_tensor("latent_mean").tolist() == pytest.approx(list(stats.mean))
         assert fh.get_tensor("latent_std").tolist() == pytest.approx(list(stats.std))
+
+
+def test_deferred_scoring_equals_immediate(tmp_path, labelled, tiny_model_file, one_thread):
+    """The split a lent GPU needs: train and sample there (`defer_to`: bf16 sample files, no Inception), decode and
+    score on another machine (`score_deferred`), with a decode batch size of its own. The curve is the one an
+    immediate run measures, number for number; files are matched to their tokenizer by name and hash."""
+    from conftest import save_tiny_model
+    from dgaetok.gen import GenConfig, bench_gen, read_samples, score_deferred
+
+    settings = dict(data=str(labelled), tokenizers=[str(tiny_model_file)], dit="DiT-T/2", steps=4, eval_every=2,
+                    num_samples=8, batch_size=4, sample_steps=2, decode_steps=2, ema_decay=0.9, device="cpu")
+    bench_gen(GenConfig(out=str(tmp_path / "now"), **settings))
+    sampled = tmp_path / "device-out"
+    result = bench_gen(GenConfig(out=str(tmp_path / "device"), defer_to=str(sampled), **settings))
+    name = tiny_model_file.stem
+    files = sorted(sampled.iterdir())
+    assert [p.name for p in files] == [f"{name}.step-0000002.safetensors", f"{name}.step-0000004.safetensors"]
+    assert not (tmp_path / "device" / "curve.csv").exists() and result.runs[0].steps == 4
+    z, meta = read_samples(files[1])
+    assert z.shape == (8, 4, 8, 8) and meta["step"] == 4 and meta["sampling"]["num_samples"] == 8
+
+    scored = tmp_path / "scored"
+    later = GenConfig(out=str(scored), **{**settings, "batch_size": 3})  # another decode batch: the same images
+    rows = score_deferred(later, files)
+    assert [(r["tokenizer"], r["step"]) for r in rows] == [(name, 2), (name, 4)]
+    measured = lambda out: [{k: v for k, v in r.items() if k != "train_s"} for r in curve(out)]  # noqa: E731
+    assert measured(scored) == measured(tmp_path / "now")  # all but the training time, which is a clock's
+    assert (scored / "curve.png").is_file() and (scored / name / "samples" / "step-0000004.png").is_file()
+    assert score_deferred(later, files) == []  # scored rows are skipped
+
+    other = save_tiny_model(tmp_path, seed=3)
+    with pytest.raises(InputError, match="not among the tokenizers"):
+        score_deferred(GenConfig(out=str(tmp_path / "x"), **{**settings, "tokenizers": [str(other)]}), files)
+    (tmp_path / "same-name").mkdir()
+    impostor = other.rename(tmp_path / "same-name" / tiny_model_file.name)  # the name, not the model
+    with pytest.raises(InputError, match="drawn on the latents of model"):
+        score_deferred(GenConfig(out=str(tmp_path / "x"), **{**settings, "tokenizers": [str(impostor)]}), files)
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(InputError, match="not a sample file"):
+        score_deferred(later, [tmp_path / "bad.safetensors"])

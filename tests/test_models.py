@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -367,6 +369,14 @@ def test_split_and_join_model_files(tmp_path):
     for (name, p), q in zip(model.state_dict().items(), joined.state_dict().values()):
         torch.testing.assert_close(q, p.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)  # stored in bf16
     assert read_model_file(tmp_path / "j.safetensors")[0]["note"] == "x"
+    # joined on another machine (here: another process, another hash seed), the file is the same, byte for byte:
+    # a GPU call and the CPU that scores its model name that model by the joined file's hash
+    code = ("import sys; from pathlib import Path; from dgaetok.models import join_model_files; "
+            "join_model_files(sorted(Path(sys.argv[1]).glob('*.safetensors')), sys.argv[2])")
+    for dst in ("k1.safetensors", "k2.safetensors"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / dst)], check=True)
+    assert file_sha256(tmp_path / "k1.safetensors") == file_sha256(tmp_path / "k2.safetensors") \
+        == file_sha256(tmp_path / "j.safetensors")
 
 # --- borders: the bottom-row band of issue 14 -----------------------------------------------------------------
 
@@ -386,25 +396,3 @@ def test_the_decoder_treats_all_four_borders_alike():
             v = model.velocity(x, t, z)
             v_flipped = flipped.velocity(x.flip(dim), t, z.flip(dim)).flip(dim)
         torch.testing.assert_close(v_flipped, v, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the bundled dgae-s-f8c4 (trained on 64 px crops, evaluated at 256) draws "
-                                       "a dark-blue band along its bottom rows; a default without it must pass")
-def test_the_bundled_model_reconstructs_border_rows_like_interior_ones(shared_data):
-    """Issue 14: on the tench at 256 px the bundled model's bottom 3 rows are 2.4x as far from the photo as its
-    interior (row 255 averages RGB (28, 38, 99) against (75, 82, 78)); the other borders are within 1.2x. Each
-    border strip must be within 1.5x of the interior. The decoder code is symmetric (test above), so this
-    checks the trained weights: it passes once the default model is retrained."""
-    from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
-
-    model = load_model()
-    photo = shared_data / "eval" / "imagenet-val500" / "n01440764_tench.JPEG"
-    x = to_tensor(center_crop(open_image(photo), 256, 8)[0])[None]
-    with torch.no_grad():
-        recon = model.decode(model.encode(x).latent_dist.mode(), steps=8, generator=torch.Generator().manual_seed(0))
-    err = (to_uint8(x).float() - to_uint8(recon).float()).abs()[0]  # (H, W, 3)
-    interior = err[8:-8, 8:-8].mean().item()
-    strips = {"top": err[:3], "bottom": err[-3:], "left": err[:, :3], "right": err[:, -3:]}
-    ratios = {name: round(strip.mean().item() / interior, 2) for name, strip in strips.items()}
-    assert max(ratios.values()) < 1.5, ratios
