@@ -2,14 +2,14 @@
 # Few-step decoding: PSNR / SSIM / LPIPS against step count for Euler and Heun on uniform and shifted time grids,
 # on the first $LIMIT evaluation images, same latents and seeded noise for every setting (bench rfid).
 # Heun costs 2 * steps - 1 network passes. Prints one table at the end; results in $OUT/<sampler>-shift<s>/.
-#   LIMIT=16 MODEL=dgae-s-f8c4 bash benchmarks/few_step.sh
+#   LIMIT=16 MODEL=default bash benchmarks/few_step.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/few-step}
 data=../shared/data/eval/imagenet-val500
 run() {  # sampler shift steps...
   local sampler=$1 shift=$2; shift 2
-  dgaetok bench rfid "$data" --model "${MODEL:-dgae-s-f8c4}" --limit "${LIMIT:-16}" --sampler "$sampler" \
+  dgaetok bench rfid "$data" --model "${MODEL:-default}" --limit "${LIMIT:-16}" --sampler "$sampler" \
     --shift "$shift" $(printf -- '--steps %s ' "$@") -o "$out/$sampler-shift$shift" > /dev/null
 }
 run euler 1.0 2 4 8 50

@@ -1,19 +1,25 @@
 """The paper's Table 2 in miniature: DGAE vs SD-VAE at f16 with c = 16, 8, 4 (latents of 4096, 2048, 1024 values).
 
-    python benchmarks/table2.py --scale cpu                           # the 2-core CPU run in RESULTS.md
-    python benchmarks/table2.py --scale gpu --session-minutes 8       # one device call; rerun until it prints the table
+    python benchmarks/table2.py --scale cpu                     # the 2-core CPU run in RESULTS.md
+    python benchmarks/table2.py --scale cpu --session-minutes 30   # stop with a checkpoint (exit 3); rerun to go on
+
+On lent GPU sessions, where nothing survives a call but what comes back through $OUT, the same functions run
+split in two: `benchmarks/paper_gpu.py` trains on the device and scores here.
 
 Within a latent size the two families share everything but the decoder and its loss: the encoder (same code,
-config and seed), data, crops, batch, optimizer, LPIPS weight, and compute. Compute is matched in wall time on
-the device at hand: each model first times a few training steps (``calibration`` in plan.json), then trains for
-as many steps as fill ``--minutes``, so the faster SD-VAE step gets more steps, as "same GPU-minutes" means.
-Step counts are fixed before training, so the cosine schedule ends where it should and a resumed run is exact.
+config and seed), data, crops, batch, optimizer, LPIPS and KL weights, and compute. Compute is matched in wall
+time on the device that calibrates: each family first times a few training steps (SD-VAE over both of its phases,
+without and with the GAN) at the first latent size, and its step count is set to fill ``--minutes``; the same step
+count serves the other latent sizes, whose training FLOPs differ by less than 0.5 % (only the encoder's last and
+the decoder's first convolution change with c). So the faster SD-VAE step gets more steps, as "same GPU-minutes"
+means, and a later session on a faster card trains the same steps rather than more. Step counts are fixed before
+training, so the cosine schedule ends where it should and a resumed run is exact.
 
-Every stage leaves its result in OUT and is skipped when the driver is rerun: plan.json (the calibrated step
-counts), c{C}-{family}/ (a `dgaetok train` folder, resumed from its checkpoint), c{C}-{family}/rfid.json (from
-`bench rfid` on the evaluation set), then table2.md, table2.json and table2-grid.png (one row per evaluation image:
-original | SD-VAE c16 | DGAE c16 | SD-VAE c8 | ... ). With --session-minutes the driver stops training after that
-much wall time, leaves a checkpoint and exits with status 3; rerun the same command to go on.
+Every stage leaves its result in OUT and is skipped when the driver is rerun: plan.json (the calibration),
+c{C}-{family}/ (a `dgaetok train` folder, resumed from its checkpoint), c{C}-{family}/rfid.json (`bench rfid` on
+the evaluation set) and strip.png (its reconstructions of the grid's images), then table2.md, table2.json,
+table2.png (PSNR and LPIPS against latent size) and table2-grid.png (one row per evaluation image:
+original | SD-VAE c16 | DGAE c16 | SD-VAE c8 | ...).
 """
 from __future__ import annotations
 
@@ -29,12 +35,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dgaetok.bench import eval_images, rfid
-from dgaetok.files import atomic_path, save_grid
-from dgaetok.models import MODELS, build_model, load_model
-from dgaetok.train import Diverged, TrainConfig, train
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dgaetok.bench import eval_images, rfid  # noqa: E402
+from dgaetok.errors import InputError  # noqa: E402
+from dgaetok.files import atomic_path, save_grid  # noqa: E402
+from dgaetok.models import MODELS, build_model, load_model  # noqa: E402
+from dgaetok.plots import plot_latent_sweep  # noqa: E402
+from dgaetok.train import Diverged, TrainConfig, train  # noqa: E402
+
 PAUSED = 3  # exit status: training stopped at --session-minutes; rerun to continue
 
 
@@ -48,46 +58,62 @@ class Scale:
     crop: int | None  # random crops of the resized image; None: the full resolution
     batch_size: int
     lr: float
-    minutes: float  # training wall time per model on the device at hand
+    minutes: float  # training wall time per model on the calibrating device
     eval_limit: int | None  # first N evaluation images (None: all)
     eval_steps: tuple[int, ...]  # DGAE decode steps scored (SD-VAE: its one pass)
     lpips_net: str = "alex"  # the LPIPS term in both losses
     warmup_fraction: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_fraction
+    min_lr: float = 1e-5
+    ema_decay: float = 0.999
     disc_fraction: float = 0.5  # SD-VAE's GAN starts this far into its steps (LDM starts it late, too)
     workers: int = 1
     calibration_steps: int = 12
+    data_on_device: bool = False  # `train --data-on-device`: the images decoded once, batches cut on the device
+    grid_size: int | None = None  # side of the grid's cells (None: the resolution)
 
 
 SCALES = {
     # ~5M-parameter models on 64 px crops: the 2-core CPU trains all six in an hour and a half.
     "cpu": Scale("dgae-s", "sdvae-s", 256, 64, 8, 2e-4, 15.0, 50, (8,)),
-    # the same models at full 256 px, batch 32, on one GPU: half an hour of GPU time for all six, so 3-4 device
-    # sessions with --session-minutes; scored on all 500 evaluation images.
-    "gpu": Scale("dgae-s", "sdvae-s", 256, None, 32, 2e-4, 5.0, None, (8, 50), workers=8, calibration_steps=30),
+    # The lent-GPU table (benchmarks/paper_gpu.py; plan in RESULTS.md): dgae-s2 (the GPU default's architecture)
+    # against sdvae-s, the same encoder, 146 vs 143 training GFLOP per 256 px image (SD-VAE's with its GAN on),
+    # trained with the default's recipe and data path; scored on all 500 evaluation images at 8 decode steps.
+    "gpu": Scale("dgae-s2", "sdvae-s", 256, None, 64, 2e-4, 3.25, None, (8,), warmup_steps=100, min_lr=2e-5,
+                 workers=8, calibration_steps=30, data_on_device=True, grid_size=128),
     # seconds in all: the test suite's end-to-end check of this driver, not an experiment.
-    "tiny": Scale("dgae-t", "sdvae-t", 64, 32, 2, 2e-4, 0.05, 3, (2,), calibration_steps=4, workers=0),
+    "tiny": Scale("dgae-t", "sdvae-t", 64, 32, 2, 2e-4, 0.05, 3, (2,), calibration_steps=4, workers=0,
+                  data_on_device=True),
 }
 FAMILIES = ("sdvae", "dgae")
 CHANNELS = (16, 8, 4)
+NAMES = {"sdvae": "SD-VAE", "dgae": "DGAE"}
 
 
 class SessionOver(Exception):
-    """Raised from the training hook at --session-minutes; `train` checkpoints before passing it on."""
+    """Raised from the training hook at the session's deadline; `train` checkpoints before passing it on."""
 
 
 def run_name(channels: int, family: str) -> str:
     return f"c{channels}-{family}"
 
 
+def parse_name(name: str) -> tuple[int, str]:
+    channels, family = name.split("-", 1)
+    return int(channels[1:]), family
+
+
 def train_config(scale: Scale, family: str, channels: int, steps: int, data: str, out: Path, seed: int) -> TrainConfig:
     preset = getattr(scale, family)
+    warmup = scale.warmup_steps if scale.warmup_steps is not None else int(steps * scale.warmup_fraction)
     return TrainConfig(
         data=data, out=str(out), preset=preset, resolution=scale.resolution, downsample=16, latent_channels=channels,
-        crop=scale.crop, batch_size=scale.batch_size, steps=steps, lr=scale.lr,
-        warmup=max(1, int(steps * scale.warmup_fraction)),
+        crop=scale.crop, batch_size=scale.batch_size, steps=steps, lr=scale.lr, min_lr=scale.min_lr,
+        warmup=max(1, min(warmup, steps - 1)), ema_decay=scale.ema_decay,
         lpips_weight=1.0, lpips_net=scale.lpips_net, disc_start=int(steps * scale.disc_fraction),
-        log_every=max(1, min(50, steps // 20)), ckpt_every=max(1, steps // 10), sample_every=max(1, steps // 4),
+        log_every=max(1, min(25, steps // 20)), ckpt_every=max(1, steps // 10), sample_every=max(1, steps // 4),
         sample_steps=max(scale.eval_steps), sample_count=4, workers=scale.workers, seed=seed, resume=True, device=None,
+        data_on_device=scale.data_on_device,
     )
 
 
@@ -114,27 +140,13 @@ def seconds_per_step(scale: Scale, family: str, channels: int, data: str, seed: 
     return sum(timed) / len(timed)
 
 
-def make_plan(args, scale: Scale, out: Path) -> dict:
-    """Calibrated step counts, made once: a rerun (or a resumed session) trains to the same schedule."""
-    path = out / "plan.json"
-    settings = {"scale": args.scale, **dataclasses.asdict(scale), "data": args.data, "seed": args.seed,
-                "channels": list(args.channels)}
-    if path.exists():
-        plan = json.loads(path.read_text())
-        if plan["settings"] != json.loads(json.dumps(settings)):
-            sys.exit(f"{path}: made with other settings; use another --out or delete it")
-        return plan
-    plan = {"settings": settings, "device": device_name(), "runs": {}}
-    for channels in args.channels:
-        for family in FAMILIES:
-            sps = seconds_per_step(scale, family, channels, args.data, args.seed)
-            steps = max(1, int(scale.minutes * 60 / sps))
-            plan["runs"][run_name(channels, family)] = {"seconds_per_step": sps, "steps": steps}
-            print(f"plan: {run_name(channels, family)}: {sps:.3f} s/step -> {steps} steps in {scale.minutes:g} min",
-                  flush=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    return plan
+def calibrate(scale: Scale, family: str, channels: int, data: str, seed: int) -> dict:
+    """Seconds per training step on this device, and the step count that fills the scale's minutes."""
+    sps = seconds_per_step(scale, family, channels, data, seed)
+    steps = max(1, int(scale.minutes * 60 / sps))
+    print(f"calibrate: {family} at c{channels}: {sps:.3f} s/step -> {steps} steps in {scale.minutes:g} min",
+          flush=True)
+    return {"seconds_per_step": sps, "steps": steps, "device": device_name(), "calibrated_at": f"c{channels}"}
 
 
 def device_name() -> str:
@@ -152,8 +164,8 @@ def trained_step(run: Path) -> int:
 
 
 def train_run(run: Path, cfg: TrainConfig, deadline: float) -> str:
-    """Train (or resume) one model to its planned steps: 'done', 'diverged' or 'paused'. Wall time is added up
-    in run/time.json over sessions."""
+    """Train (or resume) one model to its planned steps: 'done', 'diverged' or 'paused' (at ``deadline``, a
+    `time.monotonic` value). Wall time is added up in run/time.json over sessions."""
     if (run / "diverged.json").exists():
         return "diverged"
     if trained_step(run) >= cfg.steps:
@@ -182,77 +194,107 @@ def train_run(run: Path, cfg: TrainConfig, deadline: float) -> str:
     return status
 
 
-def evaluate(run: Path, scale: Scale, eval_data: str, device: torch.device) -> dict:
-    """`bench rfid` of the run's EMA model on the evaluation set, cached in run/rfid.json."""
-    path = run / "rfid.json"
-    step = trained_step(run)
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("trained_step") == step:
-            return cached
-    model = load_model(run / "model.safetensors", device)
-    result = rfid(model, str(run / "model.safetensors"), eval_data, list(scale.eval_steps), scale.eval_limit,
-                  resolution=scale.resolution, grid=run / "rfid-grid.png")
-    cached = {**dataclasses.asdict(result), "trained_step": step}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(cached, indent=2) + "\n")
-    return cached
+def grid_noise(scale: Scale) -> torch.Tensor:
+    return torch.randn((1, 3, scale.resolution, scale.resolution), generator=torch.Generator().manual_seed(0))
+
+
+def grid_cells(images: torch.Tensor, scale: Scale) -> torch.Tensor:
+    size = scale.grid_size or scale.resolution
+    if size == images.shape[-1]:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="area")
 
 
 @torch.no_grad()
-def comparison_grid(out: Path, channels: list[int], scale: Scale, eval_data: str, device: torch.device,
-                    rows: int) -> Path:
-    """One row per evaluation image: the original, then SD-VAE and DGAE (at its most steps) per latent size."""
+def save_strip(model_file: Path, scale: Scale, eval_data: str, rows: int, path: Path) -> None:
+    """The model's reconstructions of the grid's evaluation images (DGAE at its most steps, from fixed noise), one
+    column of the comparison grid; small enough to commit when ``grid_size`` is."""
     _, images, _ = eval_images(eval_data, scale.resolution, max(2, rows))
-    x = torch.stack(images[:rows]).to(device)
-    noise = torch.randn((1, *x.shape[1:]), generator=torch.Generator().manual_seed(0)).expand(len(x), -1, -1, -1)
-    columns = [x.cpu()]
-    for c in channels:
-        for family in FAMILIES:
-            model = load_model(out / run_name(c, family) / "model.safetensors", device)
-            z = model.encode(x).latent_dist.mode()
-            columns.append(model.decode(z, steps=max(scale.eval_steps), noise=noise).float().cpu())
-    path = out / "table2-grid.png"
+    x = torch.stack(images[:rows])
+    model = load_model(model_file)
+    z = model.encode(x).latent_dist.mode()
+    recon = model.decode(z, steps=max(scale.eval_steps), noise=grid_noise(scale).expand(len(x), -1, -1, -1))
+    save_grid(grid_cells(recon.float(), scale), 1, path)
+
+
+def comparison_grid(strips: list[Path], scale: Scale, eval_data: str, rows: int, path: Path) -> Path:
+    """One row per evaluation image: the original, then each strip's reconstruction (SD-VAE and DGAE per latent
+    size)."""
+    from dgaetok.files import to_tensor
+    from PIL import Image
+
+    _, images, _ = eval_images(eval_data, scale.resolution, max(2, rows))
+    columns = [grid_cells(torch.stack(images[:rows]), scale)]
+    size = columns[0].shape[-1]
+    for strip in strips:
+        img = to_tensor(Image.open(strip).convert("RGB"))  # (3, rows * (size + 2) + 2, size + 4)
+        columns.append(torch.stack([img[:, 2 + i * (size + 2):2 + i * (size + 2) + size, 2:2 + size]
+                                    for i in range(rows)]))
     save_grid(torch.stack(columns, dim=1).flatten(0, 1), len(columns), path)
     return path
 
 
-def table(out: Path, plan: dict, channels: list[int], scale: Scale) -> tuple[str, list[dict]]:
+def score(model_file: Path, scale: Scale, eval_data: str, grid_rows: int, strip: Path) -> dict:
+    """`bench rfid` of a model file on the evaluation set (LPIPS-alex, seed 0), and its grid strip."""
+    model = load_model(model_file)
+    result = rfid(model, str(model_file), eval_data, list(scale.eval_steps), scale.eval_limit,
+                  resolution=scale.resolution, batch_size=8)
+    save_strip(model_file, scale, eval_data, grid_rows, strip)
+    return dataclasses.asdict(result)
+
+
+def table_rows(entries: dict[str, dict], scale: Scale) -> list[dict]:
+    """One row per model and decode step count, ordered c16 SD-VAE, c16 DGAE, c8 ...; ``entries`` maps run
+    names to {"rfid": bench rfid's result, "train_steps", "budget_minutes", "train_minutes", "diverged",
+    "device"}."""
     rows = []
-    for c in channels:
-        for family in FAMILIES:
-            run = out / run_name(c, family)
-            result = json.loads((run / "rfid.json").read_text())
-            config = MODELS[getattr(scale, family)](resolution=scale.resolution, downsample=16, latent_channels=c)
-            with torch.device("meta"):
-                params = build_model(config).num_params()
-            minutes = json.loads((run / "time.json").read_text())["train_seconds"] / 60
-            planned = plan["runs"][run_name(c, family)]
-            for r in result["results"]:
-                rows.append({"latent": c * (scale.resolution // 16) ** 2, "channels": c, "family": family,
-                             "preset": config.preset, "encoder_params": params["encoder"],
-                             "decoder_params": params["decoder"], "train_steps": result["trained_step"],
-                             "budget_minutes": planned["steps"] * planned["seconds_per_step"] / 60,
-                             "train_minutes": minutes, "diverged": (run / "diverged.json").exists(),
-                             "images": result["images"], **r})
-    lines = [f"DGAE vs SD-VAE at f16, {plan['device']}, {scale.minutes:g} min of training each "
-             f"({rows[0]['images']} evaluation images). Budget: steps x the calibrated time per step; wall: the "
-             f"time the training took, which includes checkpoints, grids and anything else the device ran.", "",
-             "| latent | model | decoder params | train steps | budget min | wall min | decode steps | rFID | PSNR | "
-             "SSIM | LPIPS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted(entries, key=lambda n: (-parse_name(n)[0], FAMILIES.index(parse_name(n)[1]))):
+        c, family = parse_name(name)
+        e = entries[name]
+        config = MODELS[getattr(scale, family)](resolution=scale.resolution, downsample=16, latent_channels=c)
+        with torch.device("meta"):
+            params = build_model(config).num_params()
+        for r in e["rfid"]["results"]:
+            rows.append({"latent": c * (scale.resolution // 16) ** 2, "channels": c, "family": family,
+                         "preset": config.preset, "encoder_params": params["encoder"],
+                         "decoder_params": params["decoder"], "train_steps": e["train_steps"],
+                         "budget_minutes": e["budget_minutes"], "train_minutes": e["train_minutes"],
+                         "diverged": e["diverged"], "device": e["device"], "images": e["rfid"]["images"], **r})
+    return rows
+
+
+def markdown(rows: list[dict], scale: Scale, intro: str) -> str:
     side = scale.resolution // 16
+    lines = [intro, "", "| latent | model | decoder params | train steps | budget min | wall min | decode steps | "
+             "rFID | PSNR | SSIM | LPIPS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"{'SD-VAE' if r['family'] == 'sdvae' else 'DGAE'} ({r['preset']})"
-        name += " diverged" if r["diverged"] else ""
+        name = f"{NAMES[r['family']]} ({r['preset']})" + (" diverged" if r["diverged"] else "")
         lines.append(f"| {r['latent']} ({side}x{side}x{r['channels']}) | {name} | {r['decoder_params'] / 1e6:.2f}M | "
                      f"{r['train_steps']} | {r['budget_minutes']:.1f} | {r['train_minutes']:.1f} | {r['steps']} | "
                      f"{r['rfid']:.1f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['lpips']:.3f} |")
-    return "\n".join(lines) + "\n", rows
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, rows: list[dict], scale: Scale, intro: str, extra: dict) -> str:
+    """table2.md, table2.json and table2.png (PSNR / LPIPS against latent size, DGAE at its most decode steps;
+    without matplotlib a note instead of the figure)."""
+    text = markdown(rows, scale, intro)
+    with atomic_path(out / "table2.md") as tmp:
+        tmp.write_text(text)
+    with atomic_path(out / "table2.json") as tmp:
+        tmp.write_text(json.dumps({**extra, "rows": rows}, indent=2) + "\n")
+    steps = max(scale.eval_steps)
+    try:
+        plot_latent_sweep([r for r in rows if r["family"] == "sdvae" or r["steps"] == steps], out / "table2.png",
+                          title=f"DGAE ({steps} decode steps) vs SD-VAE at f16, {rows[0]['images']} images")
+    except InputError as exc:
+        print(f"table2.png not drawn: {exc}")
+    return text
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=SCALES, default="gpu")
+    parser.add_argument("--scale", choices=SCALES, default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/table2-SCALE")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "train"))
     parser.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500"))
@@ -271,30 +313,52 @@ def main() -> int:
     out = args.out or ROOT / "runs" / f"table2-{args.scale}"
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + 60 * args.session_minutes if args.session_minutes is not None else float("inf")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [run_name(c, family) for c in args.channels for family in FAMILIES]
 
-    plan = make_plan(args, scale, out)
-    for c in args.channels:
-        for family in FAMILIES:
-            name = run_name(c, family)
-            cfg = train_config(scale, family, c, plan["runs"][name]["steps"], args.data, out / name, args.seed)
-            status = train_run(out / name, cfg, deadline)
-            print(f"train: {name}: {status} at step {trained_step(out / name)} of {cfg.steps}", flush=True)
-            if status == "paused":
-                return PAUSED
-    for c in args.channels:
-        for family in FAMILIES:
-            result = evaluate(out / run_name(c, family), scale, args.eval_data, device)
-            print(f"eval: {run_name(c, family)}: " + ", ".join(
-                f"{r['steps']} steps rFID {r['rfid']:.1f} PSNR {r['psnr']:.2f} SSIM {r['ssim']:.3f} "
-                f"LPIPS {r['lpips']:.3f}" for r in result["results"]), flush=True)
-    grid = comparison_grid(out, args.channels, scale, args.eval_data, device, args.grid_rows)
-    text, rows = table(out, plan, args.channels, scale)
-    with atomic_path(out / "table2.md") as tmp:
-        tmp.write_text(text)
-    with atomic_path(out / "table2.json") as tmp:
-        tmp.write_text(json.dumps({"plan": plan, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {out / 'table2.md'}, {out / 'table2.json'} and {grid}\n")
+    path = out / "plan.json"
+    settings = json.loads(json.dumps({"scale": args.scale, **dataclasses.asdict(scale), "data": args.data,
+                                      "seed": args.seed, "channels": list(args.channels)}))
+    plan = json.loads(path.read_text()) if path.exists() else {"settings": settings, "calibration": {}}
+    if plan["settings"] != settings:
+        sys.exit(f"{path}: made with other settings; use another --out or delete it")
+    for family in FAMILIES:  # once per family, at the first latent size (see the module docstring)
+        if family not in plan["calibration"]:
+            plan["calibration"][family] = calibrate(scale, family, args.channels[0], args.data, args.seed)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(plan, indent=2) + "\n")
+
+    for name in names:
+        c, family = parse_name(name)
+        cfg = train_config(scale, family, c, plan["calibration"][family]["steps"], args.data, out / name, args.seed)
+        status = train_run(out / name, cfg, deadline)
+        print(f"train: {name}: {status} at step {trained_step(out / name)} of {cfg.steps}", flush=True)
+        if status == "paused":
+            return PAUSED
+    entries = {}
+    for name in names:
+        run = out / name
+        cached = json.loads((run / "rfid.json").read_text()) if (run / "rfid.json").exists() else {}
+        if cached.get("trained_step") != trained_step(run):
+            cached = {**score(run / "model.safetensors", scale, args.eval_data, args.grid_rows, run / "strip.png"),
+                      "trained_step": trained_step(run)}
+            with atomic_path(run / "rfid.json") as tmp:
+                tmp.write_text(json.dumps(cached, indent=2) + "\n")
+        print(f"eval: {name}: " + ", ".join(
+            f"{r['steps']} steps rFID {r['rfid']:.1f} PSNR {r['psnr']:.2f} SSIM {r['ssim']:.3f} LPIPS {r['lpips']:.3f}"
+            for r in cached["results"]), flush=True)
+        calibration = plan["calibration"][parse_name(name)[1]]
+        entries[name] = {"rfid": cached, "train_steps": cached["trained_step"],
+                         "budget_minutes": calibration["steps"] * calibration["seconds_per_step"] / 60,
+                         "train_minutes": json.loads((run / "time.json").read_text())["train_seconds"] / 60,
+                         "diverged": (run / "diverged.json").exists(), "device": calibration["device"]}
+    grid = comparison_grid([out / n / "strip.png" for n in names], scale, args.eval_data, args.grid_rows,
+                           out / "table2-grid.png")
+    rows = table_rows(entries, scale)
+    intro = (f"DGAE vs SD-VAE at f16, {plan['calibration']['dgae']['device']}, {scale.minutes:g} min of training "
+             f"each ({rows[0]['images']} evaluation images). Budget: steps x the calibrated time per step; wall: the "
+             f"time the training took, which includes checkpoints, grids and anything else the device ran.")
+    text = write_table(out, rows, scale, intro, {"plan": plan})
+    print(f"\nwrote {out / 'table2.md'}, {out / 'table2.json'}, {out / 'table2.png'} and {grid}\n")
     print(text)
     return 0
 

@@ -15,9 +15,9 @@ import torch
 
 from . import __version__
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, atomic_path, center_crop, find_files, open_image, save_grid, to_tensor, to_uint8
+from .files import IMAGE_SUFFIXES, atomic_path, eval_crop, find_files, save_grid, to_uint8
 from .metrics import ReconMetrics, dataset_key, inception_features, reference_stats
-from .models import Tokenizer
+from .models import Tokenizer, synchronize
 
 
 @dataclass
@@ -55,7 +55,7 @@ def eval_images(data: str | Path, resolution: int, limit: int | None) -> tuple[l
         if limit is not None and len(images) == limit:
             break
         try:
-            images.append(to_tensor(center_crop(open_image(path), resolution, 1)[0]))
+            images.append(eval_crop(path, resolution))
             paths.append(path)
         except InputError as exc:
             skipped.append(str(exc))
@@ -67,12 +67,6 @@ def eval_images(data: str | Path, resolution: int, limit: int | None) -> tuple[l
 def batch_ranges(n: int, size: int) -> Iterator[tuple[int, int]]:
     """(start, end) of consecutive batches of ``size`` over ``n`` items."""
     return ((i, min(n, i + size)) for i in range(0, n, size))
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device, so that wall-clock timings cover the work queued on it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rfid(

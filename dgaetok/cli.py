@@ -5,21 +5,53 @@ import functools
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand
 
 from .errors import InputError
-from .tiling import PIXEL_BUDGET, check_tiling
+from .files import DEFAULT_MAX_PIXELS, printable
+from .tiling import TILED_BUDGET_FACTOR, check_tiling
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="DGAE image tokenizers: encode images to latents, decode them back, train, benchmark.")
+
+class Command(TyperCommand):
+    """Help as a terminal user expects it: `SRC` in the usage line (not `{src}`), and no `<bool>` type shown on
+    on/off flags, which take no value."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_bool_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class App(typer.Typer):
+    """A Typer whose commands use `Command`."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", Command)
+        return super().command(*args, **kwargs)
+
+
+app = App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+          help="DGAE image tokenizers: encode images to latents, decode them back, train, benchmark.")
 console = Console(stderr=True)
 out = Console()
 
@@ -41,7 +73,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(printable(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -59,22 +91,39 @@ def pick_device(device: Optional[str]) -> torch.device:
     return dev
 
 
-def run_job(job, items, verb: str) -> None:
-    """Drive a pipeline job with a progress bar, then print a summary; exit 1 if any input failed."""
+def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, steps: int = 1) -> None:
+    """Drive a pipeline job with a progress bar, then print a summary; exit 1 if any input failed.
+
+    ``items(on_step)`` starts the job; the bar counts images x ``steps`` and moves each time ``on_step(n)``
+    reports n images one step further, so a decode of one large batch still shows it is alive, and how long
+    is left.
+    """
     from .pipeline import summarize
 
     results = []
-    columns = (TextColumn(verb), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    total = max(1, len(job) * steps)
+    columns = (TextColumn(verb), BarColumn(), TextColumn("{task.fields[files]}"), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn())
+    in_flight = 0  # image-steps of the batch being computed
+
+    def on_step(n: int) -> None:
+        nonlocal in_flight
+        in_flight += n
+        progress.update(task, completed=min(total, len(results) * steps + in_flight))
+
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task(verb, total=len(job))
-            for item in items:
+            task = progress.add_task(verb, total=total, files=f"0/{len(job)} files")
+            for item in items(on_step):
                 results.append(item)
-                progress.advance(task)
+                in_flight = max(0, in_flight - steps)  # a computed batch's items arrive: its steps become files
+                progress.update(task, completed=min(total, len(results) * steps + in_flight),
+                                files=f"{len(results)}/{len(job)} files")
                 if item.status == "failed":
-                    console.print(f"[red]failed:[/red] {escape(item.error)}", highlight=False, soft_wrap=True)
+                    console.print(f"[red]failed:[/red] {escape(printable(item.error))}", highlight=False,
+                                  soft_wrap=True)
                 elif item.note:
-                    console.print(f"note: {escape(item.note)}", highlight=False, soft_wrap=True)
+                    console.print(f"note: {escape(printable(item.note))}", highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         done = len(summarize(results)["done"])
         console.print(f"{verb}: interrupted after {done} written; run the same command again to resume")
@@ -94,6 +143,15 @@ def load(model: Optional[str], device: torch.device, compile: Optional[str] = No
 
 COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA graphs) or max-autotune. "
                 "Compiling takes a minute or more; it pays on long jobs.")
+DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda when present)."
+MAX_PIXELS_HELP = (f"Pixel budget per image: larger model inputs or outputs fail alone, before any memory is spent "
+                   f"on them (default {DEFAULT_MAX_PIXELS:,}, about 17 GB to decode with dgae-s on a CPU).")
+
+
+def check_output_file(path: Path) -> None:
+    """An output file must go into a folder that exists (outputs are written to a temporary sibling first)."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise InputError(f"{path}: not a file path in an existing folder")
 
 
 TILE_HELP = "Run the network on overlapping tiles of this many pixels (a multiple of the model's size multiple)."
@@ -109,7 +167,8 @@ def note_single_step(model) -> None:
 @app.command()
 @user_errors
 def encode(
-    src: Path = typer.Argument(..., help="An image or a folder, walked recursively."),
+    src: Path = typer.Argument(..., metavar="SRC", help="An image or a folder, walked recursively (symbolic "
+                                                        "links followed, hidden files skipped)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the .safetensors latents (mirrors SRC)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
     batch_size: int = typer.Option(16, min=1),
@@ -118,12 +177,15 @@ def encode(
                                    "mirroring to a multiple of f; decode crops back)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode files whose latent already exists."),
     seed: int = typer.Option(0, help="Seed for --sample."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by path)."),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help=MAX_PIXELS_HELP),
+    normalize: bool = typer.Option(False, "--normalize", help="Write (z - mean) / std with the model file's latent "
+                                   "statistics (see `dgaetok stats`); decode undoes it."),
     tile: Optional[int] = typer.Option(None, min=1, help=TILE_HELP + " The latent then differs a little from "
-                                       "the whole image's (GroupNorm statistics and attention per tile)."),
+                                       "the whole image's (GroupNorm statistics per tile)."),
     overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
 ):
     """Encode images to latents, one .safetensors file per image."""
@@ -133,17 +195,19 @@ def encode(
     dev = pick_device(device)
     job = encode_job(src, output, limit)
     m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
+    if normalize:
+        m.require_stats()
     if tile:
         check_tiling(tile, overlap, m.config.downsample)
     prepare_output_dir(output)
-    items = encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers, tile, overlap)
-    run_job(job, items, "encode")
+    run_job(job, lambda on_step: encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers,
+                                               max_pixels, normalize, tile, overlap), "encode")
 
 
 @app.command()
 @user_errors
 def decode(
-    src: Path = typer.Argument(..., help="A latent file or a folder of them."),
+    src: Path = typer.Argument(..., metavar="SRC", help="A latent file or a folder of them."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNGs (mirrors SRC)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
     steps: int = typer.Option(50, min=1, help="ODE steps (network calls for Euler)."),
@@ -151,21 +215,20 @@ def decode(
     shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift; > 1 spends more steps at high noise."),
     seed: int = typer.Option(0, help="Noise seed: the same seed gives the same image on the same device."),
     batch_size: int = typer.Option(16, min=1),
-    overwrite: bool = typer.Option(False, "--overwrite"),
-    device: Optional[str] = typer.Option(None),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Re-decode latents whose PNG already exists."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help=MAX_PIXELS_HELP + " Without --tile, a "
+                                   "larger latent is decoded in tiles of the model's resolution (up to "
+                                   f"{TILED_BUDGET_FACTOR}x the budget), as is one that runs out of memory whole."),
     tile: Optional[int] = typer.Option(None, min=1, help=TILE_HELP + " DGAE blends the tiles' velocities at "
                                        "every step, so no seams; memory follows the tile, not the image."),
     overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
-    pixel_budget: int = typer.Option(PIXEL_BUDGET, min=1, help="Most pixels one decoder call takes (images x "
-                                     "image or tile size): a batch over it is split; without --tile, an image over "
-                                     "it is decoded in tiles of the model's resolution, as is one that runs out of "
-                                     "memory."),
 ):
     """Decode latents back to PNG images with the diffusion decoder."""
     from .files import prepare_output_dir
     from .flow import SAMPLERS
-    from .pipeline import decode_folder, decode_job, fallback_tile
+    from .pipeline import decode_folder, decode_job
 
     if sampler not in SAMPLERS:
         raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
@@ -173,29 +236,27 @@ def decode(
     job = decode_job(src, output)
     m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
     note_single_step(m)
-    check_tiling(tile or fallback_tile(m), overlap, m.size_multiple)  # the fallback's too, before any work
+    if tile:
+        check_tiling(tile, overlap, m.size_multiple)
     prepare_output_dir(output)
-    items = decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite, tile=tile, overlap=overlap,
-                          pixel_budget=pixel_budget)
-    run_job(job, items, "decode")
+    run_job(job, lambda on_step: decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite,
+                                               max_pixels=max_pixels, on_step=on_step, tile=tile, overlap=overlap),
+            "decode", 1 if m.single_step else steps)
 
 
 @app.command()
 @user_errors
-def info(file: Path = typer.Argument(..., help="A model or latent .safetensors file.")):
-    """Show what a model or latent file holds."""
-    from .files import LATENT_FORMAT, read_latent
-    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_model_file
+def info(file: Path = typer.Argument(..., metavar="PATH",
+                                     help="A model or latent .safetensors file, or a folder of latents.")):
+    """Show what a model or latent file holds, or summarise a folder of latents."""
+    from .files import LATENT_FORMAT, read_latent, safetensors_header
+    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_model_file, read_stats
 
-    from safetensors import safe_open
-
+    if file.is_dir():
+        return print_folder_summary(file)
     if not file.is_file():
-        raise InputError(f"{file}: no such file")
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            kind = (fh.metadata() or {}).get("format")
-    except Exception as exc:
-        raise InputError(f"{file}: not a safetensors file ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{printable(str(file))}: no such file or folder")
+    kind = (safetensors_header(file).get("__metadata__") or {}).get("format")
     table = Table(show_header=False, box=None)
     if kind == FORMAT:
         meta, tensors = read_model_file(file)
@@ -208,6 +269,9 @@ def info(file: Path = typer.Argument(..., help="A model or latent .safetensors f
         table.add_row("latent", f"{config.latent_channels} x {config.resolution // config.downsample}^2 "
                                 f"(f{config.downsample}, {len(tensors)} tensors)")
         table.add_row("params", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+        if (stats := read_stats(meta, config, file)) is not None:
+            table.add_row("latent scale", f"scaling_factor {stats.scaling_factor:.6g}, shift_factor "
+                                          f"{stats.shift_factor:.6g} ({stats.images} images)")
         for key, value in sorted(meta.items()):
             table.add_row(Text(key), Text(value))
     elif kind == LATENT_FORMAT:
@@ -218,8 +282,28 @@ def info(file: Path = typer.Argument(..., help="A model or latent .safetensors f
         for key, value in sorted(meta.items()):
             table.add_row(Text(key), Text(value))
     else:
-        raise InputError(f"{file}: neither a dgaetok model nor a latent file")
+        raise InputError(f"{printable(str(file))}: neither a dgaetok model nor a latent file")
     out.print(table)
+
+
+def print_folder_summary(folder: Path) -> None:
+    from .pipeline import summarize_folder
+
+    summary = summarize_folder(folder)
+    table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths and hashes are shown whole
+    table.add_row("folder", Text(printable(str(folder))))
+    table.add_row("latents", f"{summary.n_latents}, made by {len(summary.latents)} model(s)")
+    for made_by, shapes in summary.latents.items():
+        counts = ", ".join(f"{n} x {shape}" for shape, n in shapes.most_common())
+        table.add_row(Text(f"model {made_by}"), Text(f"{summary.made_by[made_by]}: {counts}"))
+    if summary.models:
+        table.add_row("model files", Text(", ".join(printable(str(p)) for p in summary.models)))
+    table.add_row("other", f"{len(summary.other)} .safetensors file(s) unreadable or of another kind")
+    out.print(table)
+    for line in summary.other:
+        out.print(Text(printable(line)), soft_wrap=True)
 
 
 @app.command()
@@ -237,7 +321,11 @@ def train(
     latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
                                                   help="Latent channels (default: the preset's, 8 for *-s)."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(96, help="Global batch, split over processes."),
+    batch_size: int = typer.Option(96, help="Global batch, split over processes, then into --accum micro-batches."),
+    accum: int = typer.Option(1, min=1, help="Gradient accumulation: micro-batches per process and step (the same "
+                                             "update as that many processes)."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute residual and attention blocks "
+                                         "in backward: much less activation memory for about a third more compute."),
     steps: int = typer.Option(100_000),
     lr: float = typer.Option(1e-4),
     min_lr: float = typer.Option(1e-5),
@@ -254,11 +342,25 @@ def train(
     ckpt_every: int = typer.Option(1000),
     sample_every: int = typer.Option(1000),
     sample_steps: int = typer.Option(25),
-    workers: int = typer.Option(4),
+    workers: int = typer.Option(4, min=0, help="DataLoader worker processes per GPU process decoding images "
+                                               "(pinned memory, kept alive between epochs; 0: decode in the loop)."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    data_on_device: bool = typer.Option(False, "--data-on-device", help="Decode the images once and keep them on "
+                                        "the device as uint8 (small datasets: no decoding or copies per step; the "
+                                        "same crops as without)."),
+    minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget: stop then with a checkpoint; the "
+                                            "step count is set from the measured speed so the schedule ends there."),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start from this model file's weights "
+                                              "(same config; fresh optimizer and schedule)."),
+    init_encoder: Optional[str] = typer.Option(None, "--init-encoder", help="Start the encoder from this model "
+                                               "file's (same f, c and encoder shape, e.g. a converted SD-VAE)."),
+    freeze_encoder: int = typer.Option(0, "--freeze-encoder", min=0, help="Keep that encoder fixed for the "
+                                       "first N steps."),
+    stats_images: int = typer.Option(256, min=0, help="Latent statistics in the final model file, over this many "
+                                     "images of DATA spread evenly (0: none)."),
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
@@ -268,12 +370,15 @@ def train(
         raise InputError(f"{data}: no such folder")
     cfg = TrainConfig(
         data=str(data), out=str(out_dir), preset=preset, resolution=resolution, downsample=downsample,
-        latent_channels=latent_channels, crop=crop, batch_size=batch_size, steps=steps, lr=lr, min_lr=min_lr,
+        latent_channels=latent_channels, crop=crop, batch_size=batch_size, accum=accum,
+        grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr,
         warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
         arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
-        workers=workers, seed=seed, resume=resume, device=device, compile=compile,
+        workers=workers, seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device,
+        minutes=minutes, warm_start=str(warm_start) if warm_start else None, init_encoder=init_encoder,
+        freeze_encoder=freeze_encoder, stats_images=stats_images,
     )
     try:
         run_training(cfg)
@@ -281,6 +386,83 @@ def train(
         console.print(f"interrupted: checkpoint saved in {escape(str(out_dir))}; continue with --resume")
         raise typer.Exit(130) from None
     console.print(f"done: {escape(str(out_dir / 'model.safetensors'))}")
+
+
+@app.command()
+@user_errors
+def convert(
+    src: Path = typer.Argument(..., help="An SD-VAE checkpoint: LDM/CompVis .ckpt or .safetensors, or a diffusers "
+                               "AutoencoderKL folder; with --to diffusers, a dgaetok sdvae model file."),
+    output: Path = typer.Option(..., "-o", "--output", help="The model file to write (with --to diffusers: a "
+                                "folder)."),
+    to: str = typer.Option("dgaetok", "--to", help="dgaetok: import SRC; diffusers: export the model file SRC."),
+    resolution: Optional[int] = typer.Option(None, min=1, help="Default encoding size (default: diffusers' "
+                                             "sample_size, else 256)."),
+    scaling_factor: Optional[float] = typer.Option(None, min=1e-12, help="Latent scale as diffusers states it "
+                                                   "(SD: 0.18215); overrides the checkpoint's."),
+    shift_factor: Optional[float] = typer.Option(None, help="Latent shift as diffusers states it (with "
+                                                 "--scaling-factor)."),
+):
+    """Import an SD-VAE checkpoint as a dgaetok model file, or export one to a diffusers folder."""
+    from .convert import convert as run_convert, export_diffusers
+
+    if to == "diffusers":
+        model = load(str(src), torch.device("cpu"))
+        path = export_diffusers(model, output)
+        console.print(f"wrote {escape(str(path))} (config.json, diffusion_pytorch_model.safetensors)", highlight=False)
+        if model.latent_stats is None:
+            console.print(f"note: {escape(str(src))} has no latent statistics, so config.json says scaling_factor 1.0; "
+                          f"`dgaetok stats` measures them", highlight=False)
+        return
+    if to != "dgaetok":
+        raise InputError(f"--to {to}: choose dgaetok or diffusers")
+    check_output_file(output)
+    model, layout = run_convert(src, output, resolution, scaling_factor, shift_factor)
+    c, stats = model.config, model.latent_stats
+    scale = (f"scaling_factor {stats.scaling_factor:.6g}, shift_factor {stats.shift_factor:.6g} ({stats.source})"
+             if stats is not None else "no latent statistics (add them with `dgaetok stats`)")
+    console.print(f"wrote {escape(str(output))}: sdvae f{c.downsample} c{c.latent_channels}, {c.enc_channels} channels "
+                  f"x {list(c.enc_ch_mult)}, {c.enc_res_blocks} blocks per level, from the {layout} layout; "
+                  f"{escape(scale)}", highlight=False)
+
+
+@app.command()
+@user_errors
+def stats(
+    data: Path = typer.Argument(..., help="Folder of images to measure on (e.g. the tokenizer's training data)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
+    output: Path = typer.Option(..., "-o", "--output", help="The model file to write: a copy of --model with the "
+                                "statistics (may be --model itself)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only N images, spread evenly over DATA."),
+    batch_size: int = typer.Option(16, min=1),
+    device: Optional[str] = typer.Option(None),
+):
+    """Per-channel mean and std of the posterior means over DATA, written into a copy of the model file."""
+    from .files import IMAGE_SUFFIXES, find_files
+    from .models import resolve_model, save_with_stats
+    from .stats import measure_folder
+
+    src = resolve_model(model)
+    check_output_file(output)
+    m = load(model, pick_device(device))
+    skipped = []
+    total = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))
+    columns = (TextColumn("stats"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("stats", total=total)
+        result = measure_folder(m, data, limit, batch_size, skipped.append, lambda n: progress.advance(task, n))
+    save_with_stats(src, result, output)
+    table = Table("channel", "mean", "std", title=f"{escape(output.name)}: {result.images} images")
+    for i, (mean, std) in enumerate(zip(result.mean, result.std)):
+        table.add_row(str(i), f"{mean:.4f}", f"{std:.4f}")
+    out.print(table)
+    for message in skipped:
+        console.print(f"[yellow]skipped:[/yellow] {escape(message)}", highlight=False)
+    console.print(f"scaling_factor {result.scaling_factor:.6g} (1 / std over all channels), shift_factor "
+                  f"{result.shift_factor:.6g}; wrote {escape(str(output))}", highlight=False)
+
+
+weights_app = App(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
 
 
 @app.command()
@@ -344,7 +526,7 @@ def weights_list(cache: Optional[Path] = typer.Option(None)):
     out.print(table)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Reconstruction and generation benchmarks.")
+bench_app = App(no_args_is_help=True, help="Reconstruction and generation benchmarks.")
 app.add_typer(bench_app, name="bench")
 
 
@@ -411,6 +593,8 @@ def bench_gen(
     sample_steps: int = typer.Option(50, min=1, help="Euler steps of the DiT's flow when sampling."),
     cfg: float = typer.Option(1.0, help="Classifier-free guidance scale (1: none, as the paper reports)."),
     decode_steps: int = typer.Option(50, min=1, help="Tokenizer decode steps (ignored by SD-VAE)."),
+    decode_shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the tokenizer's decoding (<1: "
+                                       "more steps near the image; 0.5 suits few steps)."),
     unconditional: bool = typer.Option(False, help="Ignore folder labels."),
     limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),
     seed: int = typer.Option(0),
@@ -425,7 +609,7 @@ def bench_gen(
     prepare_output_dir(output)
     config = GenConfig(str(data), list(tokenizer), str(output), dit, steps, minutes, eval_every, num_samples,
                        batch_size, lr, ema_decay, sample_steps, cfg, decode_steps, not unconditional, limit, seed,
-                       str(dev), [None if d == "-" else d for d in latents])
+                       str(dev), [None if d == "-" else d for d in latents], decode_shift=decode_shift)
     result = run(config, log=lambda line: console.print(escape(line), highlight=False))
     table = Table("tokenizer", "latent", "DiT", "step", "train min", "gFID", "sFID", "precision", "recall",
                   title=f"{result.images} images from {escape(str(data))}, {num_samples} samples, device {dev}")

@@ -1,83 +1,222 @@
 """Training data: an image folder with random crops and flips whose randomness is a pure function of the draw.
 
-Every draw k (the k-th image this process takes, counting across epochs) seeds its own augmentation, so a run
-resumed at step s sees exactly the images and crops the uninterrupted run would have seen.
+Every draw k (the k-th image a shard of the run takes, counting across epochs) decides its own file and
+augmentation, so a run resumed at step s sees exactly the images and crops the uninterrupted run would have seen.
+The decisions live in small pure methods (`ImageFolder.candidates`, `ImageFolder.augmentation`,
+`DrawSampler.draws`) so that another image source (decoded images kept on the GPU, say) can make the same ones.
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .errors import InputError
-from .files import IMAGE_SUFFIXES, center_crop, find_files, open_image, resize_shorter_side, to_tensor
+from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, center_crop, describe_failure, open_image,
+                    resize_shorter_side, to_tensor, walk_files)
+
+
+class PathTable(Sequence[Path]):
+    """File paths packed into one bytes buffer with an offset array.
+
+    ImageNet's 1.28M paths as `Path` objects take about 400 MB in every process, and each DataLoader worker
+    that reads them dirties the pages holding their reference counts, so forked workers end up with private
+    copies. Packed, they take about 70 MB that forked workers share. Names round-trip through `os.fsencode`, so
+    names that are not valid UTF-8 survive.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        encoded = [os.fsencode(p) for p in paths]
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> Path:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return Path(os.fsdecode(self._blob[self._offsets[index]:self._offsets[index + 1]].tobytes()))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Where a draw's crop sits in the resized image (pixels), and whether it is mirrored."""
+
+    left: int
+    top: int
+    flip: bool
 
 
 class ImageFolder(Dataset):
     """Images under ``root``, shorter side resized to ``resolution`` (photos smaller than that are upscaled),
     then a random ``crop``-sized square and a horizontal flip with probability 1/2.
 
-    Indexing takes a draw number (see `DrawSampler`); an unreadable image is reported once and replaced by the
-    next one, so a single bad file cannot stop training.
+    Indexing takes a draw number (see `DrawSampler`): epoch ``draw // len(self)`` visits the files in a seeded
+    permutation, computed once per epoch and cached. An unreadable image (or one over the pixel budget once
+    resized, see `open_image`) is reported and replaced by the next one in that order, so a single bad file cannot
+    stop training. ``files`` (a list of paths) skips listing ``root``, which then only names the data in messages.
     """
 
-    def __init__(self, root: str | Path, resolution: int, crop: int | None = None, seed: int = 0):
-        self.files = find_files(root, IMAGE_SUFFIXES)
-        if not self.files:
+    def __init__(self, root: str | Path, resolution: int, crop: int | None = None, seed: int = 0,
+                 files: Sequence[str | os.PathLike] | None = None):
+        self.root = root
+        self.files = PathTable(walk_files(root, IMAGE_SUFFIXES) if files is None else files)  # 1.28M: strings
+        if not len(self.files):
             raise InputError(f"{root}: no images found")
         self.resolution, self.crop, self.seed = resolution, crop or resolution, seed
         if self.crop > resolution:
             raise ValueError(f"crop {self.crop} is larger than the resolution {resolution}")
+        self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, draw: int) -> torch.Tensor:
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of file indices. The last two epochs are cached: a batch may straddle two.
+
+        The shuffle is the one this class has always used (Python's, seeded by seed and epoch), so runs started
+        before the permutation was cached resume with the same images; it takes about a second at 1.28M files,
+        once per epoch."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            order = list(range(len(self.files)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders[epoch] = np.array(order, dtype=np.int64)
+        return self._orders[epoch]
+
+    def candidates(self, draw: int) -> Iterator[int]:
+        """File indices for ``draw``: its own first, then the ones after it in the epoch's order (used in turn
+        while a file is unreadable)."""
         epoch, pos = divmod(draw, len(self.files))
-        order = list(range(len(self.files)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        rng = random.Random(f"{self.seed}:{draw}")
+        order = self.order(epoch)
         for offset in range(len(self.files)):
-            path = self.files[order[(pos + offset) % len(self.files)]]
+            yield int(order[(pos + offset) % len(self.files)])
+
+    def augmentation(self, draw: int, size: tuple[int, int]) -> Augmentation:
+        """The crop offsets and flip of ``draw`` for a resized image of ``size`` (width, height)."""
+        rng = random.Random(f"{self.seed}:{draw}")
+        w, h = size
+        left, top = rng.randint(0, w - self.crop), rng.randint(0, h - self.crop)
+        return Augmentation(left, top, rng.random() < 0.5)
+
+    def load(self, index: int) -> Image.Image:
+        """File ``index`` decoded and resized (shorter side to the resolution); InputError if unreadable."""
+        img = open_image(self.files[index], DEFAULT_MAX_PIXELS, self.resolution)
+        return resize_shorter_side(img, self.resolution)
+
+    def __getitem__(self, draw: int) -> torch.Tensor:
+        for index in self.candidates(draw):
             try:
-                img = resize_shorter_side(open_image(path), self.resolution)
+                img = self.load(index)
                 break
-            except InputError as exc:
-                warnings.warn(f"skipping {exc}", stacklevel=1)
+            except Exception as exc:  # whatever one file causes (not KeyboardInterrupt)
+                warnings.warn(f"skipping {describe_failure(self.files[index], exc)}", stacklevel=1)
         else:
             raise InputError("no readable image in the training folder")
-        w, h = img.size
-        left, top = rng.randint(0, w - self.crop), rng.randint(0, h - self.crop)
-        x = to_tensor(img.crop((left, top, left + self.crop, top + self.crop)))
-        return x.flip(-1) if rng.random() < 0.5 else x
+        aug = self.augmentation(draw, img.size)
+        x = to_tensor(img.crop((aug.left, aug.top, aug.left + self.crop, aug.top + self.crop)))
+        return x.flip(-1) if aug.flip else x
 
     def fixed_batch(self, n: int) -> torch.Tensor:
-        """The first n images, center-cropped as at evaluation: the batch that reconstruction grids show."""
+        """The first n readable images, center-cropped as at evaluation: the batch that reconstruction grids show.
+        InputError when no image is readable at all."""
         images = []
         for path in self.files:
             try:
-                images.append(to_tensor(center_crop(open_image(path), self.resolution, 1)[0]))
-            except InputError:
+                img = open_image(path, DEFAULT_MAX_PIXELS, self.resolution)
+                images.append(to_tensor(center_crop(img, self.resolution, 1)[0]))
+            except Exception:  # unreadable files are reported when training draws them
                 continue
             if len(images) == n:
                 break
+        if not images:
+            raise InputError(f"{self.root}: no readable image among its {len(self.files)} image files")
         return torch.stack(images)
+
+
+class DeviceImages:
+    """An `ImageFolder`'s images decoded once and kept on ``device`` as uint8, with its draws made on the host.
+
+    For small datasets and small models on a GPU, where decoding JPEGs and copying batches from the host would
+    otherwise bound the step time: `batch` cuts each draw's crop out of the resident image and flips it on the
+    device, taking file, crop and flip from the folder's pure per-draw methods (`ImageFolder.candidates`,
+    `ImageFolder.augmentation`). So ``batch(draws)`` equals ``torch.stack([folder[d] for d in draws])`` exactly,
+    unreadable files included (they are skipped the same way), and a run may switch between the two paths.
+    Nothing in `batch` waits for the device. ``workers`` threads decode the files at start.
+    """
+
+    def __init__(self, folder: ImageFolder, device: torch.device | str, workers: int = 8):
+        self.folder, self.device = folder, torch.device(device)
+
+        def load(index: int) -> torch.Tensor | None:
+            try:
+                return torch.from_numpy(np.asarray(folder.load(index), dtype=np.uint8).copy()).permute(2, 0, 1)
+            except Exception as exc:  # as ImageFolder: whatever one file causes
+                warnings.warn(f"skipping {describe_failure(folder.files[index], exc)}", stacklevel=1)
+                return None
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes with the GIL released
+            host = list(pool.map(load, range(len(folder))))
+        if all(img is None for img in host):
+            raise InputError("no readable image in the training folder")
+        self.nbytes = sum(img.numel() for img in host if img is not None)
+        if self.device.type == "cuda" and self.nbytes > 0.5 * torch.cuda.mem_get_info(self.device)[0]:
+            raise InputError(f"{self.nbytes / 2**30:.1f} GiB of decoded training images would take over half of "
+                             f"the free memory of {self.device}; drop --data-on-device")
+        self.images = [None if img is None else img.to(self.device) for img in host]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, draws: list[int]) -> torch.Tensor:
+        """Images (B, 3, crop, crop) in [-1, 1] on the device, for ``draws`` as `ImageFolder` makes them."""
+        crop, crops = self.folder.crop, []
+        for draw in draws:
+            img = next(self.images[i] for i in self.folder.candidates(draw) if self.images[i] is not None)
+            aug = self.folder.augmentation(draw, (img.shape[2], img.shape[1]))
+            x = img[:, aug.top:aug.top + crop, aug.left:aug.left + crop]
+            crops.append(x.flip(-1) if aug.flip else x)
+        return torch.stack(crops).float().div(127.5).sub(1.0)  # as files.to_tensor
 
 
 class DrawSampler(Sampler[int]):
     """Endless draw numbers for one process of a (possibly distributed) run, starting at ``start_step``.
 
-    Process ``rank`` of ``world`` takes draws rank, rank + world, ... in batches of ``batch_size``.
+    The run's data is split into ``world * accum`` shards: shard v takes draws v, v + V, v + 2V, ... (V the
+    number of shards), ``micro_batch`` of them per step. Process ``rank`` holds shards ``rank * accum`` to
+    ``rank * accum + accum - 1``, one per micro-batch of gradient accumulation, and each step yields their
+    micro-batches one after the other. So one process with ``accum`` 8 sees, shard by shard, the images that 8
+    processes see, and with ``accum`` 1 process ``rank`` takes draws rank, rank + world, ...
     """
 
-    def __init__(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1):
-        self.batch_size, self.start, self.rank, self.world = batch_size, start_step * batch_size, rank, world
+    def __init__(self, micro_batch: int, start_step: int = 0, rank: int = 0, world: int = 1, accum: int = 1):
+        self.micro_batch, self.start_step = micro_batch, start_step
+        self.rank, self.world, self.accum = rank, world, accum
+
+    def shards(self) -> range:
+        """This process's shards; shard ``rank * accum + j`` is micro-batch j of every step."""
+        return range(self.rank * self.accum, (self.rank + 1) * self.accum)
+
+    def draws(self, step: int) -> list[int]:
+        """The draws of this process's batch at ``step``: micro-batch 0's, then micro-batch 1's, ..."""
+        shards = self.world * self.accum
+        return [(step * self.micro_batch + i) * shards + v for v in self.shards() for i in range(self.micro_batch)]
 
     def __iter__(self):
-        k = self.start
+        step = self.start_step
         while True:
-            yield k * self.world + self.rank
-            k += 1
+            yield from self.draws(step)
+            step += 1

@@ -44,11 +44,13 @@ def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu"
 
 
 @torch.no_grad()
-def sample(velocity: Velocity, noise: torch.Tensor, steps: int, sampler: str = "euler", shift: float = 1.0) -> torch.Tensor:
+def sample(velocity: Velocity, noise: torch.Tensor, steps: int, sampler: str = "euler", shift: float = 1.0,
+           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 1 (``noise``) to t = 0 and return x at t = 0.
 
     Euler costs ``steps`` network calls; Heun (2nd order) costs ``2 * steps - 1``, its last step being Euler
-    because the correction would evaluate the network at t = 0 exactly.
+    because the correction would evaluate the network at t = 0 exactly. ``on_step(i)`` is called after step i
+    (1 to ``steps``), for progress bars.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -60,11 +62,13 @@ def sample(velocity: Velocity, noise: torch.Tensor, steps: int, sampler: str = "
         torch.compiler.cudagraph_mark_step_begin()  # each call is a new replay of a compiled, CUDA-graphed network
         return velocity(x, noise.new_full((n,), t))
 
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:]), 1):
         dt = t_next - t
         d = v(x, t)
         x_next = x + dt * d
         if sampler == "heun" and t_next > 0:
             x_next = x + dt * 0.5 * (d + v(x_next, t_next))
         x = x_next
+        if on_step is not None:
+            on_step(i)
     return x

@@ -13,6 +13,11 @@ Files in ``out``: ``reference-<res>.npz`` (the reference images' features), per 
 ``curve.png`` (FID against training step, one line per tokenizer). Running the same command again continues
 training from the checkpoints and skips evaluations already in ``curve.csv``; a larger ``steps`` extends a run.
 ``eval.json`` holds the evaluation settings of ``curve.csv``'s rows; a rerun with other ones is refused.
+
+Training and scoring may run on different machines (a lent GPU carries no Inception weights): with ``defer_to`` an
+evaluation writes its sampled latents to that folder instead (`write_samples`: bf16, with the settings they were
+drawn with), and `score_deferred` decodes and scores such files later, appending to ``curve.csv``. Samples are
+rounded to bf16 in both paths, so a deferred score equals the immediate one.
 """
 from __future__ import annotations
 
@@ -35,17 +40,22 @@ from . import __version__, flow
 from .dit import DiT, DiT_models
 from .errors import InputError
 from .bench import batch_ranges, eval_images
-from .files import atomic_path, find_files, read_latent, save_grid, to_uint8
+from .files import atomic_path, find_files, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, autocast, load_model, resolve_model
-from .pipeline import check_latent
+from .pipeline import load_latent
+from .plots import plot_curve
+from .stats import LatentStats
 from .train import ema_decay_at, load_prefixed, update_ema
 
 CURVE_FIELDS = ("tokenizer", "step", "train_s", "samples", "fid", "sfid", "precision", "recall")
 # Settings a checkpoint depends on: changing them between runs would silently mix two experiments.
 RESUME_KEYS = ("dit", "batch_size", "lr", "ema_decay", "seed", "conditional", "limit")
 # Settings every row of curve.csv is measured with: rows made with others are not comparable.
-EVAL_KEYS = ("num_samples", "sample_steps", "cfg", "decode_steps", "seed")
+EVAL_KEYS = ("num_samples", "sample_steps", "cfg", "decode_steps", "decode_shift", "seed")
+# ... of which these are fixed when the samples are drawn (a deferred sample file records them)
+SAMPLE_KEYS = ("num_samples", "sample_steps", "cfg", "seed")
+SAMPLE_DTYPE = torch.bfloat16  # what sampled latents are stored and scored in
 
 
 @dataclass
@@ -69,6 +79,8 @@ class GenConfig:
     seed: int = 0
     device: str = "cpu"
     latents: list[str | None] = field(default_factory=list)  # per tokenizer: a `dgaetok encode` folder, or None
+    decode_shift: float = 1.0  # time-grid shift of the tokenizer's decoding (`flow.time_grid`; ignored by SD-VAE)
+    defer_to: str | None = None  # a folder: write each evaluation's samples there, unscored (`score_deferred`)
 
 
 @dataclass
@@ -140,8 +152,7 @@ def read_latent_folder(tokenizer: Tokenizer, root: str | Path, limit: int | None
         if limit is not None and len(latents) == limit:
             break
         try:
-            latent, meta = read_latent(path)
-            check_latent(tokenizer, path, latent, meta)
+            latent = load_latent(tokenizer, path)
             if latents and latent.shape != latents[0].shape:
                 raise InputError(f"{path}: latent shape {tuple(latent.shape)} differs from "
                                  f"{tuple(latents[0].shape)} (encode without --keep-size)")
@@ -165,19 +176,26 @@ def encode_images(model: Tokenizer, images: list[torch.Tensor], batch_size: int)
     return torch.cat(zs)
 
 
-def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], torch.Tensor]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents, mean, std): ``make()``'s latents and their per-channel statistics, computed once and stored in
-    ``path``, and reused while ``key`` (the latents' source and the model file) is unchanged. ``labels`` are
-    stored for reference only."""
+def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], torch.Tensor],
+                   stats: LatentStats | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, mean, std): ``make()``'s latents, computed once and stored in ``path``, and reused while ``key``
+    (the latents' source and the model file) is unchanged; ``labels`` are stored for reference only. The
+    per-channel statistics are the model file's ``stats`` when it has them, else computed over the latents once
+    and stored beside them."""
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("key") == key:
-                return tuple(fh.get_tensor(k) for k in ("latents", "mean", "std"))
+            if (fh.metadata() or {}).get("key") == key and (stats is not None or "mean" in fh.keys()):
+                z = fh.get_tensor("latents")
+                if stats is not None:
+                    return z, torch.tensor(stats.mean), torch.tensor(stats.std)
+                return z, fh.get_tensor("mean"), fh.get_tensor("std")
     z = make()
-    mean = z.mean(dim=(0, 2, 3))
-    std = z.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    tensors = {"latents": z, "labels": torch.tensor(labels, dtype=torch.long), "mean": mean, "std": std}
+    tensors = {"latents": z, "labels": torch.tensor(labels, dtype=torch.long)}
+    if stats is not None:
+        mean, std = torch.tensor(stats.mean), torch.tensor(stats.std)
+    else:
+        mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        tensors |= {"mean": mean, "std": std}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"key": key})
     return z, mean, std
@@ -187,7 +205,7 @@ def cached_latents(path: Path, key: str, labels: list[int], make: Callable[[], t
 
 
 def _resume_settings(cfg: GenConfig, source: str) -> str:
-    """The settings a checkpoint depends on, with ``source``: where its latents came from."""
+    """The settings a checkpoint depends on, with ``source``: where its latents and their statistics came from."""
     return json.dumps({**{k: getattr(cfg, k) for k in RESUME_KEYS}, "latents": source}, sort_keys=True)
 
 
@@ -217,7 +235,9 @@ def load_dit(folder: Path, dit: DiT, ema: DiT, opt: torch.optim.Optimizer, cfg: 
     except Exception as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     if meta["config"] != dit.config.to_json() or meta["settings"] != _resume_settings(cfg, source):
-        raise InputError(f"{path}: checkpoint was made with other settings ({meta['settings']}); "
+        saved, now = json.loads(meta["settings"]), json.loads(_resume_settings(cfg, source))
+        changed = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
+        raise InputError(f"{path}: checkpoint was made with other settings ({changed or meta['settings']}); "
                          f"use the same options or another --output")
     step = int(meta["step"])
     if state["step"] != step:
@@ -247,76 +267,81 @@ def write_curve(path: Path, rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-
-
-def plot_curve(rows: list[dict], path: Path, metric: str = "fid", size: tuple[int, int] = (640, 420)) -> None:
-    """A line plot of ``metric`` against step, one line per tokenizer, drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    left, right, top, bottom = 64, 16, 28, 48
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    names = list(dict.fromkeys(r["tokenizer"] for r in rows))
-    points = [(r["step"], r[metric]) for r in rows if np.isfinite(r[metric])]
-    draw.text((left, 8), f"{metric.upper()} vs training step", fill="black")
-    if points:
-        xs, ys = zip(*points)
-        x0, x1 = 0, max(xs) or 1
-        y0, y1 = min(0.0, min(ys)), max(ys) * 1.05 or 1.0
-
-        def at(x: float, y: float) -> tuple[float, float]:
-            return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                    h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-        draw.line([at(x0, y0), at(x1, y0)], fill="black")
-        draw.line([at(x0, y0), at(x0, y1)], fill="black")
-        for i in range(5):
-            xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-            px, py = at(xv, y0)
-            draw.line([(px, py), (px, py + 4)], fill="black")
-            draw.text((px - 12, py + 6), f"{xv:.4g}", fill="black")
-            qx, qy = at(x0, yv)
-            draw.line([(qx - 4, qy), (qx, qy)], fill="black")
-            draw.text((4, qy - 6), f"{yv:.1f}", fill="black")
-        draw.text((w // 2 - 16, h - 18), "step", fill="black")
-        for k, name in enumerate(names):
-            colour = COLOURS[k % len(COLOURS)]
-            line = sorted((r["step"], r[metric]) for r in rows if r["tokenizer"] == name and np.isfinite(r[metric]))
-            pts = [at(x, y) for x, y in line]
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2)
-            for px, py in pts:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-            lx, ly = w - right - 200, h - bottom - 16 * (len(names) - k)  # legend, bottom right
-            draw.line([(lx, ly + 6), (lx + 16, ly + 6)], fill=colour, width=2)
-            draw.text((lx + 22, ly), name, fill=colour)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-
-
 # --- the benchmark -------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def sample_batches(ema: DiT, tokenizer: Tokenizer, cfg: GenConfig, n_classes: int, mean: torch.Tensor,
-                   std: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``num_samples`` images in [-1, 1] (CPU), batch by batch, from the same seeded noise and labels at every
-    evaluation; labels cycle through the classes, so every class gets its share."""
+def sample_latents(ema: DiT, cfg: GenConfig, n_classes: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``num_samples`` tokenizer latents (CPU, float32 values rounded to `SAMPLE_DTYPE`) from the same seeded noise
+    and labels at every evaluation; labels cycle through the classes, so every class gets its share."""
     device = next(ema.parameters()).device
     c = ema.config
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise = torch.randn((cfg.num_samples, c.in_channels, c.input_size, c.input_size), generator=gen)
     labels = torch.arange(cfg.num_samples) % n_classes if n_classes else None
     shape = (-1, 1, 1)
+    zs = []
     for a, b in batch_ranges(cfg.num_samples, cfg.batch_size):
         y = labels[a:b].to(device) if labels is not None else None
         with autocast(device):
             z = ema.sample(noise[a:b].to(device), y, cfg.sample_steps, cfg.cfg).float()
         z = z * std.to(device).view(shape) + mean.to(device).view(shape)
-        decode_gen = torch.Generator().manual_seed(cfg.seed + 2 + a)
-        yield tokenizer.decode(z, steps=cfg.decode_steps, generator=decode_gen).cpu()
+        zs.append(z.to(SAMPLE_DTYPE).cpu())
+    return torch.cat(zs).float()
+
+
+@torch.no_grad()
+def decode_batches(tokenizer: Tokenizer, z: torch.Tensor, cfg: GenConfig) -> Iterator[torch.Tensor]:
+    """Images in [-1, 1] (CPU) of sampled latents ``z``, batch by batch. Sample i's decoding noise is seeded by i,
+    so the images do not depend on the batch size (a GPU samples in large batches, a CPU decodes in small ones)."""
+    device = next(tokenizer.parameters()).device
+    f = tokenizer.config.downsample
+    shape = (3, z.shape[-2] * f, z.shape[-1] * f)
+    for a, b in batch_ranges(len(z), cfg.batch_size):
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed + 2 + i))
+                             for i in range(a, b)])
+        yield tokenizer.decode(z[a:b].to(device), steps=cfg.decode_steps, shift=cfg.decode_shift,
+                               noise=noise).cpu()
+
+
+def score_samples(tokenizer: Tokenizer, z: torch.Tensor, inception, ref_pool: np.ndarray, ref_spatial: np.ndarray,
+                  cfg: GenConfig, grid: Path) -> dict[str, float]:
+    """gFID, sFID, precision and recall of sampled latents ``z`` decoded by ``tokenizer``; the first 16 images
+    are saved as ``grid``. Only features are kept: 10k decoded images would not fit in memory."""
+    feats, cells = [], []
+    for batch in decode_batches(tokenizer, z, cfg):
+        feats.append(gen_features(inception, to_uint8(batch)))
+        cells.append(batch[: 16 - sum(map(len, cells))])
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.cat(cells), 8, grid)
+    pool, spatial = (torch.cat(f).numpy() for f in zip(*feats))
+    return gen_metrics(ref_pool, ref_spatial, pool, spatial)
+
+
+def sample_file(folder: Path, name: str, step: int) -> Path:
+    return Path(folder) / f"{name}.step-{step:07d}.safetensors"
+
+
+def write_samples(path: Path, z: torch.Tensor, name: str, model_hash: str, step: int, train_s: float,
+                  cfg: GenConfig) -> None:
+    """Sampled latents as `SAMPLE_DTYPE` with what scoring them needs to know: the tokenizer (name and file hash),
+    the DiT's step and training time, and the sampling settings."""
+    meta = {"tokenizer": name, "model_hash": model_hash, "step": str(step), "train_s": f"{train_s:.3f}",
+            "dit": cfg.dit, "sampling": json.dumps({k: getattr(cfg, k) for k in SAMPLE_KEYS})}
+    with atomic_path(path) as tmp:
+        save_file({"latents": z.to(SAMPLE_DTYPE).contiguous()}, str(tmp), metadata=meta)
+
+
+def read_samples(path: Path) -> tuple[torch.Tensor, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            z = fh.get_tensor("latents").float()
+        meta["step"], meta["train_s"], meta["sampling"] = int(meta["step"]), float(meta["train_s"]), \
+            json.loads(meta["sampling"])
+    except Exception as exc:
+        raise InputError(f"{path}: not a sample file of bench gen ({str(exc).splitlines()[0]})") from None
+    return z, meta
 
 
 def check_eval_settings(path: Path, cfg: GenConfig, have_rows: bool) -> None:
@@ -334,6 +359,27 @@ def check_eval_settings(path: Path, cfg: GenConfig, have_rows: bool) -> None:
 
 def run_name(model: str) -> str:
     return Path(str(resolve_model(model))).stem
+
+
+def reference_images(cfg: GenConfig, resolution: int, loaded: dict) -> tuple[list[Path], list[torch.Tensor],
+                                                                             list[str], str]:
+    """(files, images, skipped, key): DATA's center crops at ``resolution``, read once per resolution into
+    ``loaded``, and the key of their features' cache."""
+    if resolution not in loaded:
+        loaded[resolution] = eval_images(cfg.data, resolution, cfg.limit)
+    files, images, skipped = loaded[resolution]
+    if len(images) <= PR_NEIGHBOURS:
+        raise InputError(f"{cfg.data}: need more than {PR_NEIGHBOURS} readable images, found {len(images)}")
+    key = dataset_key(cfg.data, files, f"rgb-shorter{resolution}-center{resolution}-bicubic")
+    return files, images, skipped, key
+
+
+def draw_curve(rows: list[dict], path: Path, log: Callable[[str], None]) -> None:
+    """curve.png; without matplotlib a note instead: the numbers in curve.csv are the result, the plot a view."""
+    try:
+        plot_curve(rows, path)
+    except InputError as exc:
+        log(f"{path.name} not drawn: {exc}")
 
 
 def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> GenResult:
@@ -358,27 +404,27 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = GenResult(str(cfg.data), 0, dataclasses.asdict(cfg))
-    inception = pretrained.fid_inception(device)
+    deferred = Path(cfg.defer_to) if cfg.defer_to else None
+    inception = pretrained.fid_inception(device) if deferred is None else None
     curve_path = out / "curve.csv"
     rows = read_curve(curve_path)
-    check_eval_settings(out / "eval.json", cfg, bool(rows))
+    if deferred is None:
+        check_eval_settings(out / "eval.json", cfg, bool(rows))
+    else:
+        deferred.mkdir(parents=True, exist_ok=True)
 
     loaded = {}  # resolution -> eval_images(...): tokenizers of one resolution share the decoded crops
     latent_dirs = list(cfg.latents) + [None] * (len(cfg.tokenizers) - len(cfg.latents))
     for name, model_name, latent_dir in zip(names, cfg.tokenizers, latent_dirs):
         tokenizer = load_model(model_name, device)
         res = tokenizer.config.resolution
-        if res not in loaded:
-            loaded[res] = eval_images(cfg.data, res, cfg.limit)
-        files, images, skipped = loaded[res]
+        files, images, skipped, key = reference_images(cfg, res, loaded)
         result.skipped += [m for m in skipped if m not in result.skipped]  # unreadable files: reported
-        if len(images) <= PR_NEIGHBOURS:
-            raise InputError(f"{cfg.data}: need more than {PR_NEIGHBOURS} readable images, found {len(images)}")
         result.images = len(images)
-        key = dataset_key(cfg.data, files, f"rgb-shorter{res}-center{res}-bicubic")
-        log(f"{name}: reference features ({len(images)} images at {res} px)")
-        ref_pool, ref_spatial = reference_features(inception, images, out / f"reference-{res}.npz", key,
-                                                   cfg.batch_size)
+        if deferred is None:
+            log(f"{name}: reference features ({len(images)} images at {res} px)")
+            ref_pool, ref_spatial = reference_features(inception, images, out / f"reference-{res}.npz", key,
+                                                       cfg.batch_size)
         folder = out / name
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         if latent_dir:  # `dgaetok encode` wrote them: labels from the latent tree, which mirrors the image tree
@@ -395,7 +441,10 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
             make = lambda: encode_images(tokenizer, images, cfg.batch_size)  # noqa: E731
         y = torch.tensor(labels, dtype=torch.long)  # from the file names, whatever the cache holds
         z, mean, std = cached_latents(folder / "latents.safetensors",
-                                      json.dumps({"data": source, "model": tokenizer.file_hash}), labels, make)
+                                      json.dumps({"data": source, "model": tokenizer.file_hash}), labels, make,
+                                      tokenizer.latent_stats)
+        if tokenizer.latent_stats is not None:  # a DiT trained on statistics computed here cannot go on with these
+            source = f"{source}; latent statistics from the model file"
         zn = (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         try:
             dit_config = DiT_models[cfg.dit](input_size=z.shape[-1], in_channels=z.shape[1],
@@ -413,16 +462,19 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
         run = TokenizerRun(name, str(resolve_model(model_name)), tokenizer.file_hash, list(z.shape[1:]), cfg.dit,
                            dit.num_params(), classes)
         done = {r["step"] for r in rows if r["tokenizer"] == name}
+        if deferred is not None:
+            done |= {int(p.name.rsplit("step-", 1)[1].split(".")[0]) for p in deferred.glob(f"{name}.step-*")}
 
         def evaluate(at_step: int) -> None:
-            log(f"{name}: evaluating step {at_step} ({cfg.num_samples} samples)")
-            feats, grid = [], []
-            for batch in sample_batches(ema, tokenizer, cfg, len(classes), mean, std):
-                feats.append(gen_features(inception, to_uint8(batch)))  # features only: 10k images would not fit
-                grid.append(batch[: 16 - sum(map(len, grid))])
-            save_grid(torch.cat(grid), 8, folder / "samples" / f"step-{at_step:07d}.png")
-            pool, spatial = (torch.cat(f).numpy() for f in zip(*feats))
-            m = gen_metrics(ref_pool, ref_spatial, pool, spatial)
+            log(f"{name}: sampling step {at_step} ({cfg.num_samples} samples)")
+            drawn = sample_latents(ema, cfg, len(classes), mean, std)
+            if deferred is not None:
+                write_samples(sample_file(deferred, name, at_step), drawn, name, tokenizer.file_hash, at_step,
+                              train_s, cfg)
+                done.add(at_step)
+                return
+            m = score_samples(tokenizer, drawn, inception, ref_pool, ref_spatial, cfg,
+                              folder / "samples" / f"step-{at_step:07d}.png")
             rows.append({"tokenizer": name, "step": at_step, "train_s": round(train_s, 3),
                          "samples": cfg.num_samples, **m})
             done.add(at_step)
@@ -466,7 +518,75 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
         run.curve = [r for r in sorted(rows, key=lambda r: r["step"]) if r["tokenizer"] == name]
         result.runs.append(run)
 
-    plot_curve([r for r in rows if r["tokenizer"] in names], out / "curve.png")
+    if deferred is None:
+        draw_curve([r for r in rows if r["tokenizer"] in names], out / "curve.png", log)
     with atomic_path(out / "gen.json") as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return result
+
+
+def score_deferred(cfg: GenConfig, files: list[str | Path], log: Callable[[str], None] = lambda s: None
+                   ) -> list[dict]:
+    """Decode and score sample files that `bench_gen` wrote with ``defer_to`` (on another machine, say).
+
+    Each file names its tokenizer, which must be the one of ``cfg.tokenizers`` with that name, the same model file
+    (its hash is checked). The sampling settings come from the files (all alike), the decoding ones
+    (``decode_steps``, ``decode_shift``) and DATA's reference images from ``cfg``. Rows go into ``cfg.out``'s
+    curve.csv as bench gen's do, one file at a time (a file whose row is there is skipped, so a stopped run
+    resumes); then curve.png is drawn. Returns the rows added.
+    """
+    from . import pretrained
+
+    paths = [Path(p) for p in files]
+    metas = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metas[path] = dict(fh.metadata() or {})
+        except Exception as exc:
+            raise InputError(f"{path}: not a sample file of bench gen ({str(exc).splitlines()[0]})") from None
+        if "sampling" not in metas[path]:
+            raise InputError(f"{path}: not a sample file of bench gen (no sampling settings)")
+    sampling = {m["sampling"] for m in metas.values()}
+    if len(sampling) > 1:
+        raise InputError(f"{', '.join(map(str, paths))}: drawn with different sampling settings")
+    if sampling:
+        cfg = dataclasses.replace(cfg, **json.loads(sampling.pop()))
+    models = {run_name(t): t for t in cfg.tokenizers}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curve_path = out / "curve.csv"
+    rows = read_curve(curve_path)
+    check_eval_settings(out / "eval.json", cfg, bool(rows))
+    device = torch.device(cfg.device)
+    inception, tokenizers, loaded, refs, added = None, {}, {}, {}, []
+    for path in paths:
+        name, step = metas[path]["tokenizer"], int(metas[path]["step"])
+        if name not in models:
+            raise InputError(f"{path}: samples of tokenizer {name!r}, which is not among the tokenizers given")
+        if any(r["tokenizer"] == name and r["step"] == step for r in rows):
+            log(f"{name}: step {step} already scored")
+            continue
+        if name not in tokenizers:
+            tokenizers[name] = load_model(models[name], device)
+        tokenizer = tokenizers[name]
+        if tokenizer.file_hash != metas[path]["model_hash"]:
+            raise InputError(f"{path}: drawn on the latents of model {metas[path]['model_hash']}, but "
+                             f"{models[name]} is {tokenizer.file_hash}")
+        inception = inception or pretrained.fid_inception(device)
+        res = tokenizer.config.resolution
+        if res not in refs:
+            _, images, _, key = reference_images(cfg, res, loaded)
+            log(f"reference features ({len(images)} images at {res} px)")
+            refs[res] = reference_features(inception, images, out / f"reference-{res}.npz", key, cfg.batch_size)
+        z, meta = read_samples(path)
+        log(f"{name}: scoring step {step} ({len(z)} samples, {cfg.decode_steps} decode steps)")
+        m = score_samples(tokenizer, z, inception, *refs[res], cfg, out / name / "samples" / f"step-{step:07d}.png")
+        row = {"tokenizer": name, "step": step, "train_s": round(meta["train_s"], 3), "samples": len(z), **m}
+        rows.append(row)
+        added.append(row)
+        write_curve(curve_path, rows)
+        log(f"{name}: step {step}: FID {m['fid']:.2f} sFID {m['sfid']:.2f} precision {m['precision']:.3f} "
+            f"recall {m['recall']:.3f}")
+    draw_curve(rows, out / "curve.png", log)
+    return added

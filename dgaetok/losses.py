@@ -3,6 +3,8 @@
 DGAE: alpha * MSE(v, eps - x) + beta * KL + eta * LPIPS(x0', x), with x0' = x_t - t v.
 SD-VAE: L1 (or L2) + beta * KL + eta * LPIPS + an adaptively weighted PatchGAN hinge term (LDM's
 ``LPIPSWithDiscriminator``), with the discriminator's own hinge loss for its optimizer.
+
+Both weigh the KL as SD-VAE does (`kl_term`): beta = 1e-6 means what it means in LDM's configs.
 """
 from __future__ import annotations
 
@@ -33,12 +35,25 @@ def perceptual_net(net: str = "vgg", pretrained: bool = True) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def kl_term(posterior, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the KL as the loss weighs it, the KL per image for the logs).
+
+    LDM's ``LPIPSWithDiscriminator`` sums the reconstruction terms over an image's 3 * H * W values and the KL over
+    its latent dims, so its beta = 1e-6 weighs the KL against a per-pixel *sum*. Here the reconstruction terms are
+    per-pixel *means* (the loss stays O(1), which gradient clipping at 1.0 and AdamW's epsilon assume), so the KL
+    per image is divided by 3 * H * W: the same beta then gives the same balance as in SD-VAE. (Summing the KL
+    against per-pixel means, as dgaetok did before, made it 3 * 256 * 256 = 196,608 times heavier at 256 px.)
+    """
+    kl = posterior.kl().mean()
+    return kl / x[0].numel(), kl
+
+
 class DGAELoss(nn.Module):
     """The weighted DGAE loss (paper eq. 8).
 
     Defaults: alpha = 1 and beta = 1e-6 as SD-VAE's KL weight; eta = 1.0, SD-VAE's perceptual weight, so that
-    DGAE and the GAN-guided baseline put the same pressure on perceptual quality. The KL is summed over latent
-    dimensions and averaged over images, as in SD-VAE, which is what makes 1e-6 a sensible scale.
+    DGAE and the GAN-guided baseline put the same pressure on perceptual quality. The velocity MSE is a per-pixel
+    mean and the KL is weighed against it as SD-VAE weighs it against its per-pixel sum (`kl_term`).
     """
 
     def __init__(self, perceptual: nn.Module | None, velocity_weight: float = 1.0, kl_weight: float = 1e-6,
@@ -61,9 +76,9 @@ class DGAELoss(nn.Module):
         v, x_t, posterior = model(x, t, noise, generator)
         v = v.float()
         mse = F.mse_loss(v, flow.velocity_target(x, noise))
-        kl = posterior.kl().mean()
+        kl, kl_per_image = kl_term(posterior, x)
         loss = self.velocity_weight * mse + self.kl_weight * kl
-        logs = {"mse": mse.detach(), "kl": kl.detach()}
+        logs = {"mse": mse.detach(), "kl": kl_per_image.detach()}
         if self.lpips_weight > 0:
             perceptual = self.perceptual(flow.predict_x0(x_t, t, v), x).mean()
             loss = loss + self.lpips_weight * perceptual
@@ -121,8 +136,8 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
 class SDVAELoss(nn.Module):
     """SD-VAE's loss for the autoencoder: rec + eta * LPIPS + beta * KL + d_weight * (-D(x_rec)).
 
-    Scaled as `DGAELoss` (per-pixel means, KL summed over latent dims and averaged over images) so that both
-    families see the same weights. The GAN term is on from step ``disc_start``; before it the discriminator is not
+    Scaled as `DGAELoss` (per-pixel means, the KL weighed as SD-VAE weighs it, `kl_term`) so that both families
+    see the same weights. The GAN term is on from step ``disc_start``; before it the discriminator is not
     even run. ``forward`` keeps the detached reconstruction in ``self.recon`` for `discriminator_loss`.
     """
 
@@ -153,9 +168,9 @@ class SDVAELoss(nn.Module):
             perceptual = self.perceptual(recon, x).mean()
             nll = nll + self.lpips_weight * perceptual
             logs["lpips"] = perceptual.detach()
-        kl = posterior.kl().mean()
+        kl, kl_per_image = kl_term(posterior, x)
         loss = nll + self.kl_weight * kl
-        logs["kl"] = kl.detach()
+        logs["kl"] = kl_per_image.detach()
         if self.gan_active(step):
             self.discriminator.requires_grad_(False)  # gradients flow through D to the decoder, not into D
             g_loss = -self.discriminator(recon).float().mean()

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,10 +23,11 @@ from safetensors.torch import save_file
 
 from . import flow
 from .errors import InputError
-from .files import atomic_path
+from .files import atomic_path, write_safetensors
+from .stats import LatentStats
 from .tiling import TileGrid, check_tiling
 from .unet import UNet
-from .vae import Decoder, DiagonalGaussian, Encoder, ch_mult_for
+from .vae import Checkpointed, Decoder, DiagonalGaussian, Encoder, ch_mult_for
 
 FORMAT = "dgaetok-model/1"
 
@@ -50,7 +52,8 @@ class DGAEConfig(JsonConfig):
     ``arch`` is the family: "dgae" or "sdvae" (files written before SD-VAE existed have no ``arch`` and load as
     DGAE). ``enc_*`` configure the SD-VAE encoder (``enc_ch_mult`` None: derived from ``downsample``); an SD-VAE's
     decoder mirrors it, as LDM builds both from one config. ``unet_*`` configure DGAE's ADM decoder (see `UNet`
-    for each knob; unused by SD-VAE), ``resolution`` the training and default encoding size.
+    for each knob, ``unet_patch`` is its ``patch_size``; unused by SD-VAE), ``resolution`` the training and default
+    encoding size.
     """
 
     arch: str = "dgae"
@@ -64,6 +67,7 @@ class DGAEConfig(JsonConfig):
     unet_ch_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
     unet_res_blocks: int = 2
     unet_attention: tuple[int, ...] = ()
+    unet_patch: int = 1
     head_channels: int = 64
     dropout: float = 0.0
     preset: str = field(default="", compare=False)
@@ -78,6 +82,8 @@ class DGAEConfig(JsonConfig):
             object.__setattr__(self, "enc_ch_mult", ch_mult_for(self.downsample))
         if 2 ** (len(self.enc_ch_mult) - 1) != self.downsample:
             raise ValueError(f"enc_ch_mult {self.enc_ch_mult} does not downsample by {self.downsample}")
+        if self.unet_patch < 1 or self.downsample % self.unet_patch:
+            raise ValueError(f"unet_patch {self.unet_patch} must divide the downsample factor {self.downsample}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -96,16 +102,40 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 class Tokenizer(nn.Module):
     """What both families share: the config, the SD-VAE encoder, ``encode`` and the parameter counts.
 
-    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator, tile, overlap, chunk)``.
+    Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator, on_step, tile, overlap,
+    chunk)``. ``latent_stats`` (a `LatentStats`, or None) are the latent statistics the model file carries;
+    `normalize`, `denormalize` and `scaling_factor` use them.
     """
 
     single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
+    latent_multiple = 1  # decode needs latent sides that are multiples of this
 
     def __init__(self, config: DGAEConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(*self.vae_args())
         self.file_hash = ""  # set by load_model: latents record which model file made them
+        self.latent_stats: LatentStats | None = None
+
+    def require_stats(self) -> LatentStats:
+        if self.latent_stats is None:
+            raise InputError(f"model {self.file_hash or self.config.preset or self.config.arch} has no latent "
+                             f"statistics; add them with `dgaetok stats DATA --model M -o M2`")
+        return self.latent_stats
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents to zero mean and unit std per channel, ``(z - mean) / std``, as a latent diffusion model wants
+        them; z is (B, c, h, w) or (c, h, w)."""
+        return self.require_stats().normalize(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize`: ``z * std + mean``, ready for `decode`."""
+        return self.require_stats().denormalize(z)
+
+    @property
+    def scaling_factor(self) -> float:
+        """diffusers' single number: 1 / the std of the latents over all channels (``z * scaling_factor``)."""
+        return self.require_stats().scaling_factor
 
     def vae_args(self) -> tuple:
         """(latent_channels, ch, ch_mult, num_res_blocks, dropout) of the SD-VAE encoder (and SD-VAE's decoder)."""
@@ -114,8 +144,8 @@ class Tokenizer(nn.Module):
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this (f; DGAE also needs its U-Net's own downsampling)."""
-        return self.config.downsample
+        """Image sides must be multiples of this: f times `latent_multiple`."""
+        return self.config.downsample * self.latent_multiple
 
     def encode(self, x: torch.Tensor, tile: int | None = None, overlap: int = 32, chunk: int = 8) -> EncoderOutput:
         """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32; the encoder runs in bf16 on CUDA).
@@ -152,6 +182,16 @@ class Tokenizer(nn.Module):
             net.compile(mode=None if mode == "default" else mode, dynamic=False)
         return self
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> "Tokenizer":
+        """Recompute each residual and attention block in backward instead of storing its activations (the
+        encoder's, the U-Net's or SD-VAE decoder's): about a third more compute for a fraction of the memory (see
+        `memory.training_activations`). Only training forwards with gradients are affected; outputs and
+        gradients are the same either way, and nothing is stored in model files."""
+        for module in self.modules():
+            if isinstance(module, Checkpointed):
+                module.grad_checkpointing = enabled
+        return self
+
     def num_params(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
@@ -172,17 +212,23 @@ class DGAE(Tokenizer):
             attention_resolutions=config.unet_attention,
             head_channels=config.head_channels,
             dropout=config.dropout,
+            patch_size=config.unet_patch,
         )
 
     @property
     def size_multiple(self) -> int:
-        return math.lcm(self.config.downsample, 2 ** (len(self.config.unet_ch_mult) - 1))
+        """f, and what the U-Net needs: it folds p x p patches (``unet_patch``), then halves its working size
+        len(unet_ch_mult) - 1 times."""
+        c = self.config
+        return math.lcm(c.downsample, c.unet_patch * 2 ** (len(c.unet_ch_mult) - 1))
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest-upsample the latent to pixel size and project it with the decoder's first conv."""
-        return self.decoder.condition(F.interpolate(z, scale_factor=float(self.config.downsample), mode="nearest"))
+        """Nearest-upsample the latent to the U-Net's working size (pixel size, or 1/p of it with ``unet_patch``
+        p: the same values as upsampling to pixels and folding) and project it with the decoder's first conv."""
+        scale = self.config.downsample // self.config.unet_patch
+        return self.decoder.condition(F.interpolate(z, scale_factor=float(scale), mode="nearest"))
 
-    def tiled_velocity(self, z: torch.Tensor, tile: int, overlap: int, chunk: int = 8) -> flow.Velocity:
+    def tiled_velocity(self, z: torch.Tensor, tile: int, overlap: int, chunk: int | None = None) -> flow.Velocity:
         """The velocity of the whole image, from the U-Net run on overlapping tiles and blended (`dgaetok.tiling`).
 
         Tile positions are multiples of `size_multiple`, so each tile's latent is an exact slice. Its condition
@@ -193,10 +239,12 @@ class DGAE(Tokenizer):
         f = self.config.downsample
         grid = TileGrid(z.shape[2] * f, z.shape[3] * f, tile, overlap, self.size_multiple)
         z_halo = F.pad(z, (1, 1, 1, 1))
+        s = f // self.config.unet_patch  # one latent pixel at the U-Net's working size
+        chunk = chunk or images_per_call(z.device, 8)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             def tiles(boxes):
-                cond = self.condition(grid.tiles(z_halo, boxes, scale=1 / f, halo=1))[..., f:-f, f:-f]
+                cond = self.condition(grid.tiles(z_halo, boxes, scale=1 / f, halo=1))[..., s:-s, s:-s]
                 return self.decoder(grid.tiles(x, boxes), t.repeat(len(boxes)), cond).float()
 
             return grid.blend(tiles, torch.empty_like(x), chunk)
@@ -218,6 +266,11 @@ class DGAE(Tokenizer):
         x_t = flow.interpolate(x, noise, t)
         return self.velocity(x_t, t, posterior.sample(generator)), x_t, posterior
 
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of this, so that the image's are of `size_multiple`."""
+        return self.size_multiple // self.config.downsample
+
     @torch.no_grad()
     def decode(
         self,
@@ -227,17 +280,20 @@ class DGAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int], None] | None = None,
         tile: int | None = None,
         overlap: int = 32,
-        chunk: int = 8,
+        chunk: int | None = None,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] by integrating the flow ODE from noise.
 
         ``noise`` fixes the starting point; otherwise it is drawn with ``generator`` (on the generator's device,
-        then moved, so a CPU generator gives the same noise whatever device decodes). ``tile`` (pixels, a
-        multiple of `size_multiple`) runs the U-Net on overlapping tiles, ``chunk`` at a time, and blends their
-        velocities over ``overlap`` pixels at every step (`tiled_velocity`); the noise is still one draw for
-        the whole image, so a seed and a tile size give one image.
+        then moved, so a CPU generator gives the same noise whatever device decodes). ``on_step(n)`` is called
+        after every ODE step with the number of images that step advanced. Images go through the network
+        `images_per_call` at a time. ``tile`` (pixels, a multiple of `size_multiple`) runs the U-Net on
+        overlapping tiles, ``chunk`` at a time (default: `images_per_call` of 8), and blends their velocities
+        over ``overlap`` pixels at every step (`tiled_velocity`); the noise is still one draw for the whole
+        image, so a seed and a tile size give one image.
         """
         f = self.config.downsample
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
@@ -245,15 +301,17 @@ class DGAE(Tokenizer):
             gen_device = generator.device if generator is not None else z.device
             noise = torch.randn(shape, generator=generator, device=gen_device)
         noise = noise.to(z.device, torch.float32)
+        out = []
         with autocast(z.device):
-            if tile is None:
-                cond = self.condition(z.float())
-                # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
-                velocity = lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True)  # noqa: E731
-            else:
-                velocity = self.tiled_velocity(z.float(), tile, overlap, chunk)
-            x = flow.sample(velocity, noise, steps, sampler, shift)
-        return x.clamp(-1, 1).contiguous()
+            for a, b in _calls(z):
+                if tile is None:
+                    cond = self.condition(z[a:b].float())
+                    # a copy: a CUDA-graph replay reuses its output buffer, and Heun still needs the previous velocity
+                    velocity = lambda x, t: self.decoder(x, t, cond).to(torch.float32, copy=True)  # noqa: E731
+                else:
+                    velocity = self.tiled_velocity(z[a:b].float(), tile, overlap, chunk)
+                out.append(flow.sample(velocity, noise[a:b], steps, sampler, shift, _images_done(on_step, b - a)))
+        return torch.cat(out).clamp(-1, 1).contiguous()
 
 
 class SDVAE(Tokenizer):
@@ -281,32 +339,62 @@ class SDVAE(Tokenizer):
         shift: float = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[int], None] | None = None,
         tile: int | None = None,
         overlap: int = 32,
-        chunk: int = 8,
+        chunk: int | None = None,
     ) -> torch.Tensor:
-        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the diffusion arguments exist
-        so that SD-VAE and DGAE are called the same way, and are ignored.
+        """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1], in one pass; the other arguments exist so
+        that SD-VAE and DGAE are called the same way, and are ignored (``on_step(n)`` is called once per
+        network call, for the n images it decoded).
 
         ``tile`` (pixels, a multiple of f) decodes overlapping latent tiles, ``chunk`` at a time, and blends the
         decoded tiles once over ``overlap`` pixels, as diffusers' ``enable_tiling`` (`dgaetok.tiling`).
         """
-        z = z.float()
+        f = self.config.downsample
+        out = []
         with autocast(z.device):
-            if tile is None:
-                x = self.decoder(z).float()
-            else:
-                f = self.config.downsample
-                grid = TileGrid(z.shape[2] * f, z.shape[3] * f, tile, overlap, f)
-                x = grid.blend(lambda boxes: self.decoder(grid.tiles(z, boxes, scale=1 / f)).float(),
-                               z.new_empty(z.shape[0], 3, grid.height, grid.width), chunk)
-        return x.clamp(-1, 1).contiguous()
+            for a, b in _calls(z):
+                za = z[a:b].float()
+                if tile is None:
+                    out.append(self.decoder(za).float())
+                else:
+                    grid = TileGrid(za.shape[2] * f, za.shape[3] * f, tile, overlap, f)
+                    out.append(grid.blend(lambda boxes: self.decoder(grid.tiles(za, boxes, scale=1 / f)).float(),
+                                          za.new_empty(len(za), 3, grid.height, grid.width),
+                                          chunk or images_per_call(z.device, 8)))
+                _images_done(on_step, b - a)(1)
+        return torch.cat(out).clamp(-1, 1).contiguous()
+
+
+def images_per_call(device: torch.device | str, batch: int) -> int:
+    """How many images of a batch go through a network at once when decoding: all of them on a GPU, one on the
+    CPU. oneDNN picks other kernels for other batch sizes, whose last-bit differences moved one pixel in ~1000 by
+    one level between --batch-size 1 and 2; one image per call makes an image's decode independent of its batch,
+    and costs no speed on a CPU (benchmarks/RESULTS.md). Tiles follow the same rule."""
+    return batch if torch.device(device).type != "cpu" else 1
+
+
+def _calls(z: torch.Tensor) -> list[tuple[int, int]]:
+    n = images_per_call(z.device, len(z))
+    return [(a, min(len(z), a + n)) for a in range(0, len(z), max(1, n))]
+
+
+def _images_done(on_step: Callable[[int], None] | None, n: int) -> Callable[[int], None]:
+    return (lambda step: on_step(n)) if on_step is not None else (lambda step: None)
 
 
 def autocast(device: torch.device | str):
     """bf16 autocast on CUDA, a no-op elsewhere: one code path for both, CPU stays in float32."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    cuda = torch.device(device).type == "cuda"
+    # a disabled CPU autocast for every other device: torch.autocast refuses device types like "meta" outright
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device, so that wall-clock timings cover the work queued on it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- presets: decoder sizes as in the paper's Table 1; the latent (downsample, latent_channels) is a kwarg ----
@@ -332,6 +420,19 @@ def DGAE_S(**kw) -> DGAEConfig:
     )
 
 
+def DGAE_S2(**kw) -> DGAEConfig:
+    """dgae-s's encoder and a U-Net on 2x2 pixel patches (DiT's "/2"), twice as wide: the bundled default's size.
+
+    About 39 GFLOP per decoder pass at 256x256, like dgae-s, but with 2x the decoder parameters (7.5M), since the
+    patches let the widths grow at the same cost: small enough to decode 8 steps in about 2 s on 2 CPU cores and to
+    travel as one 16 MiB file, wide enough to keep an H100 busy.
+    """
+    return DGAEConfig(
+        enc_channels=32, enc_res_blocks=1, unet_channels=64, unet_ch_mult=(1, 2, 2, 2), unet_res_blocks=1,
+        unet_patch=2, preset="dgae-s2", **kw,
+    )
+
+
 def DGAE_T(**kw) -> DGAEConfig:
     """A tiny DGAE for tests: seconds per step on a laptop CPU, nothing more."""
     kw.setdefault("resolution", 64)
@@ -343,7 +444,8 @@ def DGAE_T(**kw) -> DGAEConfig:
     )
 
 
-DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-t": DGAE_T}
+DGAE_models = {"dgae-b": DGAE_B, "dgae-m": DGAE_M, "dgae-l": DGAE_L, "dgae-s": DGAE_S, "dgae-s2": DGAE_S2,
+               "dgae-t": DGAE_T}
 
 
 # --- SD-VAE presets: LDM's autoencoder (ch 128, 2 residual blocks) at the latents the paper compares --------------
@@ -399,7 +501,7 @@ MODELS = {**DGAE_models, **SDVAE_models}
 
 # --- files ----------------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL = "dgae-s-f8c4"
+DEFAULT_MODEL = "default"  # weights/default.safetensors; its card is weights/README.md
 
 
 def weights_dir() -> Path:
@@ -427,13 +529,18 @@ def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one."""
+def read_model_file(path: str | os.PathLike,
+                    shards_ok: bool = False) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a model file, with a one-line InputError for anything that is not one (or for a
+    shard of one, unless ``shards_ok``)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise InputError(f"{path}: not a dgaetok model file (metadata format {meta.get('format')!r})")
+            if "shard" in meta and not shards_ok:
+                raise InputError(f"{path}: shard {meta['shard']} of a model file; join the shards first "
+                                 "(dgaetok.models.join_model_files)")
             return meta, {k: fh.get_tensor(k) for k in fh.keys()}
     except InputError:
         raise
@@ -442,12 +549,105 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, 
 
 
 def save_model(model: Tokenizer, path: str | os.PathLike, dtype: torch.dtype | None = None, **meta: str) -> None:
-    """Write a self-describing model file atomically; ``dtype`` (e.g. bfloat16) shrinks storage only."""
+    """Write a self-describing model file atomically; ``dtype`` (e.g. bfloat16) shrinks storage only. The model's
+    ``latent_stats``, when set, go into the metadata."""
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": model.config.to_json(), **meta}
+    if model.latent_stats is not None:
+        metadata["latent_stats"] = model.latent_stats.to_json()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_with_stats(src: str | os.PathLike, stats: LatentStats, dst: str | os.PathLike) -> None:
+    """Copy the model file ``src`` to ``dst`` (atomically; ``dst`` may be ``src``) with ``stats`` in its metadata;
+    the tensors are copied as stored, in their dtype."""
+    meta, tensors = read_model_file(src)
+    check_stats(config_of(meta, src), stats, dst)
+    write_safetensors(tensors, dst, {**meta, "latent_stats": stats.to_json()})
+
+
+def check_stats(config: DGAEConfig, stats: LatentStats, path: str | os.PathLike) -> LatentStats:
+    if len(stats.mean) != config.latent_channels:
+        raise InputError(f"{path}: latent statistics have {len(stats.mean)} channels, the model "
+                         f"{config.latent_channels}")
+    return stats
+
+
+def read_stats(meta: dict[str, str], config: DGAEConfig, path: str | os.PathLike) -> LatentStats | None:
+    """The latent statistics in a model file's metadata; None in files without (all before issue 15)."""
+    if "latent_stats" not in meta:
+        return None
+    try:
+        stats = LatentStats.from_json(meta["latent_stats"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable latent statistics ({exc})") from None
+    return check_stats(config, stats, path)
+
+
+def config_of(meta: dict[str, str], path: str | os.PathLike) -> DGAEConfig:
+    """The config in a model file's metadata (from `read_model_file`)."""
+    try:
+        return DGAEConfig.from_json(meta["config"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable model config ({str(exc).splitlines()[0]})") from None
+
+
+def load_encoder(model: Tokenizer, path: str | os.PathLike) -> None:
+    """Copy the encoder of the model file ``path`` (either family) into ``model`` (`train --init-encoder`); an
+    encoder of another shape (f, c, widths, blocks) is refused."""
+    path = resolve_model(path)
+    meta, tensors = read_model_file(path)
+
+    def shape(c: DGAEConfig) -> str:
+        return (f"f{c.downsample} c{c.latent_channels}, {c.enc_channels} channels x {list(c.enc_ch_mult)}, "
+                f"{c.enc_res_blocks} blocks per level")
+
+    if shape(config_of(meta, path)) != shape(model.config):
+        raise InputError(f"{path}: its encoder ({shape(config_of(meta, path))}) does not fit the model's "
+                         f"({shape(model.config)})")
+    model.encoder.load_state_dict({k[len("encoder."):]: v.float() for k, v in tensors.items()
+                                   if k.startswith("encoder.")})
+
+
+def split_model_file(src: str | os.PathLike, folder: str | os.PathLike, max_bytes: int = 16 * 2**20,
+                     dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """Write a model file as model files of at most ``max_bytes`` each, for transports that cap file sizes (a
+    device call returns files of 16 MiB at most). Shard i of n is ``<stem>.shard-i-of-n.safetensors`` with the
+    tensors in ``dtype``, the metadata of ``src`` and ``shard`` = "i/n"; `join_model_files` puts them back."""
+    meta, tensors = read_model_file(src)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    room = max_bytes - 64 * 2**10 - len(json.dumps(meta))  # the header: metadata and ~100 bytes per tensor
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    for key, value in tensors.items():
+        size = value.numel() * value.element_size()
+        if size > room:
+            raise InputError(f"{src}: tensor {key} ({size} bytes) does not fit a {max_bytes}-byte shard")
+        if sum(t.numel() * t.element_size() for t in groups[-1].values()) + size > room:
+            groups.append({})
+        groups[-1][key] = value
+    folder, stem = Path(folder), Path(src).name.removesuffix(".safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, group in enumerate(groups, 1):
+        paths.append(folder / f"{stem}.shard-{i}-of-{len(groups)}.safetensors")
+        with atomic_path(paths[-1]) as tmp:
+            save_file(group, str(tmp), metadata={**meta, "shard": f"{i}/{len(groups)}"})
+    return paths
+
+
+def join_model_files(shards: list[str | os.PathLike], dst: str | os.PathLike) -> Path:
+    """One model file from the shards `split_model_file` wrote (all of them, in any order)."""
+    parts = [read_model_file(path, shards_ok=True) for path in shards]
+    counts = {meta.get("shard", "").split("/")[-1] for meta, _ in parts}
+    found = sorted(int(meta.get("shard", "0/0").split("/")[0]) for meta, _ in parts)
+    if len(counts) != 1 or found != list(range(1, int(counts.pop() or 0) + 1)):
+        raise InputError(f"{dst}: the shards given are not one complete set (found shards {found})")
+    meta = {k: v for k, v in parts[0][0].items() if k != "shard"}
+    tensors = {k: v for _, part in parts for k, v in part.items()}
+    write_safetensors(tensors, dst, meta)  # the same bytes on every machine: the joined file's hash names it
+    return Path(dst)
 
 
 def build_model(config: DGAEConfig) -> Tokenizer:
@@ -473,5 +673,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: torch.devi
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise InputError(f"{path}: model file does not match its config ({str(exc).splitlines()[0]})") from None
     model.file_hash = file_sha256(path)
+    model.latent_stats = read_stats(meta, config, path)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     return model.compile_networks(compile) if compile else model

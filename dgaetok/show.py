@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from .errors import InputError
-from .files import open_image, padding_of, read_latent, to_uint8, unpad
+from .files import DEFAULT_MAX_PIXELS, display_name, open_image, padding_of, read_latent, to_uint8, unpad
 from .models import DGAEConfig, Tokenizer, load_model
-from .pipeline import check_latent, decode_batch, seeded_noise
+from .pipeline import as_encoded, check_latent, decode_batch, seeded_noise
 
 GAP = 8  # white pixels between the panels of a side-by-side picture
 
@@ -66,10 +66,10 @@ def model_input(image: Image.Image, meta: dict[str, str], name: str | os.PathLik
         source, resized = tuple(json.loads(meta["source_size"])), tuple(json.loads(meta["resized_size"]))
         box = tuple(json.loads(meta["crop_box"]))
     except (KeyError, ValueError) as exc:
-        raise InputError(f"{name}: latent metadata lacks the crop it was encoded with ({exc})") from None
+        raise InputError(f"{display_name(name)}: latent metadata lacks the crop it was encoded with ({exc})") from None
     if image.size != source:
-        raise InputError(f"{name}: the image is {image.width}x{image.height}, but the latent was encoded from a "
-                         f"{source[0]}x{source[1]} one")
+        raise InputError(f"{display_name(name)}: the image is {image.width}x{image.height}, but the latent was "
+                         f"encoded from a {source[0]}x{source[1]} one")
     if image.size != resized:  # the same resampling as files.resize_shorter_side
         image = image.resize(resized, Image.BICUBIC, reducing_gap=None)
     return image.crop(box)
@@ -92,12 +92,13 @@ def show(
     """
     path = Path(latent_file)
     latent, meta = read_latent(path)
+    latent = as_encoded(latent, meta, path)
     if "model_config" in meta:
         f = DGAEConfig.from_json(meta["model_config"]).downsample
     elif isinstance(model, Tokenizer):
         f = model.config.downsample
     else:
-        raise InputError(f"{path}: latent metadata does not say which model made it; pass the model")
+        raise InputError(f"{display_name(path)}: latent metadata does not say which model made it; pass the model")
     padding = padding_of(meta, (latent.shape[1] * f, latent.shape[2] * f), path)
     picture = latent_picture(latent, f, padding)
     if image is None:
@@ -108,8 +109,9 @@ def show(
     check_latent(model, path, latent, meta)
     device = next(model.parameters()).device
     z = latent[None].to(device)
-    noise = seeded_noise(seed, z.shape[2] * f, z.shape[3] * f, 1)
-    recon, _ = decode_batch(model, z, noise, steps, sampler, shift)
+    h, w = z.shape[2] * f, z.shape[3] * f
+    over = f"{w}x{h} is over the pixel budget" if h * w > DEFAULT_MAX_PIXELS else ""  # as `decode` would tile it
+    recon, _ = decode_batch(model, z, seeded_noise(seed, h, w, 1), steps, sampler, shift, why_tiled=over)
     recon = Image.fromarray(to_uint8(unpad(recon[0], padding)).numpy())
     return side_by_side(original, picture, recon)
 

@@ -25,7 +25,10 @@ import torch
 from .errors import InputError
 
 Box = tuple[int, int]  # (top, left) of a tile, in the grid's units
-PIXEL_BUDGET = 1024 * 1024  # pixels per decoder call in a folder decode (16 images of 256 px); larger images tile
+# A tiled decode holds only a few image-sized tensors of 3 channels (noise, state, velocity, ...: about 80 bytes
+# per pixel) next to its tiles, against about 2 KB per pixel of activations for a whole dgae-s decode
+# (benchmarks/RESULTS.md): a folder decode takes images over its pixel budget in tiles, up to this many times it.
+TILED_BUDGET_FACTOR = 16
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int) -> list[int]:

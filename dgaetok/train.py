@@ -7,12 +7,18 @@
 Both families run the same loop with the same autoencoder optimizer; SD-VAE adds a PatchGAN discriminator with its
 own optimizer, stepped after the autoencoder from ``disc_start`` on.
 
+The global batch is split into ``world * accum`` shards of equal size: each process holds ``accum`` of them and
+runs them one after the other as the micro-batches of gradient accumulation (`accumulate`). A shard's images and
+noise depend only on (seed, step, shard), so 1 process with ``accum`` 8 and 8 processes compute the same update,
+up to float rounding.
+
 Files in ``out``: ``model.safetensors`` (the EMA weights, usable by encode/decode), ``checkpoint.safetensors``
 (raw and EMA weights, and the discriminator's) with ``optimizer.pt`` (optimizer states) for ``--resume``,
 ``log.jsonl``, and ``samples/step-*.png`` reconstruction grids (top: originals, bottom: EMA reconstructions).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,11 +37,13 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .data import DrawSampler, ImageFolder
+from .data import DeviceImages, DrawSampler, ImageFolder
 from .errors import InputError
 from .files import atomic_path, save_grid
 from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
-from .models import ARCHS, MODELS, Tokenizer, autocast, build_model, save_model
+from .models import (ARCHS, MODELS, Tokenizer, autocast, build_model, load_encoder, read_model_file, save_model,
+                     synchronize)
+from .stats import measure_folder
 
 
 @dataclass
@@ -50,7 +58,9 @@ class TrainConfig:
     latent_channels: int | None = None  # None: the preset's (8 for the DGAE presets and sdvae-s)
     crop: int | None = None  # train on random crops of this size (None: the full resolution)
     # optimisation (the paper's recipe)
-    batch_size: int = 96  # global: split over processes
+    batch_size: int = 96  # global: split over processes, then into accum micro-batches
+    accum: int = 1  # micro-batches per process and step (gradient accumulation; see the module docstring)
+    grad_checkpoint: bool = False  # recompute blocks in backward to save memory (`Tokenizer.set_grad_checkpointing`)
     steps: int = 100_000
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -87,6 +97,13 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
     compile: str | None = None  # a models.COMPILE_MODES mode: torch.compile the encoder and decoder (None: eager)
+    data_on_device: bool = False  # decode the images once and keep them on the device (`data.DeviceImages`)
+    minutes: float | None = None  # wall-time budget: stop then, and end the cosine schedule there (`Budget`)
+    warm_start: str | None = None  # a model file of the same config to start from (fresh optimizer and schedule)
+    # the encoder from another model file (same f, c and encoder shape), optionally frozen for the first N steps
+    init_encoder: str | None = None
+    freeze_encoder: int = 0
+    stats_images: int = 256  # latent statistics in the final model.safetensors, over this many images (0: none)
 
     def model_config(self):
         if self.arch is not None and self.arch not in ARCHS:
@@ -118,7 +135,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=torch.cuda.is_available())
+    fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters, no host sync
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 @torch.no_grad()
@@ -138,20 +156,30 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
     The backend follows the device: NCCL for CUDA, gloo for a CPU run (also on a machine that has GPUs).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(requested or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # "--device cuda": this process's GPU under torchrun
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         # Without this every rank's current device stays cuda:0: the DataLoader's pin-memory thread and NCCL
         # then open a CUDA context on GPU 0 per rank.
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun: any size
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
 
 
-# Settings that decide which images and noise each step sees: changing them breaks an exact resume.
-RESUME_KEYS = ("batch_size", "seed", "world", "resolution", "crop")
+# Settings that decide which images and noise each step sees: changing them breaks an exact resume. "shards" is
+# world * accum: a run may continue with another split of its shards (8 processes -> 1 with accum 8), which
+# changes only the float rounding of the summed gradients.
+RESUME_KEYS = ("batch_size", "seed", "shards", "resolution", "crop")
+
+
+def run_settings(cfg: TrainConfig, world: int) -> dict:
+    """The config as a checkpoint records it, with the run's process count and shard count."""
+    return {**dataclasses.asdict(cfg), "world": world, "shards": world * cfg.accum}
 
 
 def save_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str, torch.optim.Optimizer], step: int,
@@ -161,7 +189,7 @@ def save_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     ``opts`` maps names to optimizers ("optimizer", and "disc_optimizer" for SD-VAE); ``disc`` is SD-VAE's
     discriminator, stored as ``disc.*`` tensors beside ``model.*`` and ``ema.*``.
     """
-    meta = {"step": str(step), "train_config": json.dumps({**dataclasses.asdict(cfg), "world": world})}
+    meta = {"step": str(step), "train_config": json.dumps(run_settings(cfg, world))}
     with atomic_path(out / "optimizer.pt") as tmp:
         torch.save({"step": step, **{name: o.state_dict() for name, o in opts.items()}}, tmp)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -185,9 +213,10 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
         state = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
-    if meta["config"] != model.config.to_json():
+    if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: checkpoint is for another model config; use a fresh --out or the same options")
-    now = {**dataclasses.asdict(cfg), "world": world}
+    now = run_settings(cfg, world)
+    saved.setdefault("shards", saved["world"] * saved.get("accum", 1))  # checkpoints from before accumulation
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in RESUME_KEYS if saved.get(k) != now[k]]
     if changed:
         raise InputError(f"{path}: cannot resume exactly with changed settings ({', '.join(changed)})")
@@ -199,11 +228,37 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     return step
 
 
+def warm_start(model: Tokenizer, path: str | os.PathLike) -> None:
+    """Load a model file's weights into ``model`` (a new run that starts where another model is)."""
+    meta, tensors = read_model_file(path)
+    if type(model.config).from_json(meta["config"]) != model.config:
+        raise InputError(f"{path}: --warm-start needs a model of the same config; it holds "
+                         f"{meta['config']}, this run builds {model.config.to_json()}")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+
+
 def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module | None]) -> None:
     """Load each module from the checkpoint tensors under its prefix ("model.", "ema.", ...); None: skipped."""
     for prefix, module in modules.items():
         if module is not None:
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def resume_log(path: Path, step: int) -> None:
+    """Cut ``log.jsonl`` back to the checkpoint's ``step`` and mark the resume: a killed run logged steps past
+    its last checkpoint, which the resumed run logs again, and a reader must never see a step twice."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # the line a kill cut short
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    kept.append(json.dumps({"event": "resumed", "step": step}))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(kept) + "\n")
 
 
 @torch.no_grad()
@@ -214,13 +269,93 @@ def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int, path: Path, se
     save_grid(torch.cat([batch.cpu(), recon.cpu()]), len(batch), path)
 
 
-def clip_or_diverge(params, max_norm: float, what: str, step: int, out: Path) -> torch.Tensor:
-    """Clip gradients and return their norm; non-finite gradients raise `Diverged`."""
-    try:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=True)
-    except RuntimeError:
-        raise Diverged(f"training diverged at step {step + 1} (non-finite {what} gradients); the checkpoint "
-                       f"in {out} is the last good state") from None
+def accumulate(net: torch.nn.Module, micro_batches: tuple[torch.Tensor, ...],
+               loss_of: Callable[[int, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward and backward ``loss_of(j, micro_batches[j])`` for each micro-batch, the loss divided by their
+    number: the losses are means over images and the micro-batches are equal in size, so the gradients add up to
+    those of the mean over the process's batch. Under DDP the gradients are all-reduced once, with the last
+    micro-batch's backward (`no_sync` before). Returns the logs averaged over the micro-batches."""
+    n, logs = len(micro_batches), {}
+    for j, x in enumerate(micro_batches):
+        sync = net.no_sync() if j < n - 1 and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
+        with sync:
+            with autocast(device):
+                loss, micro_logs = loss_of(j, x)
+            (loss / n).backward()
+        for k, v in micro_logs.items():
+            logs[k] = logs[k] + v / n if k in logs else v / n
+    return logs
+
+
+class FiniteWatch:
+    """Clips gradients and remembers, on the device, the first step whose gradients were not finite.
+
+    Asking every step (``error_if_nonfinite``) would make the host wait for the GPU every step; instead `check`
+    is called where the host waits anyway (logging) and before anything is saved, so a checkpoint on disk always
+    holds finite weights from before the first bad step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.what = ""
+
+    def clip(self, params, max_norm: float, what: str, step: int) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        bad = ~torch.isfinite(norm) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, step + 1, self.first_bad)
+        self.what = self.what or what  # which optimizer is only known for sure if it is always the same
+        return norm
+
+    def check(self, out: Path) -> None:
+        """Raise `Diverged` if some step so far had non-finite gradients."""
+        first = int(self.first_bad.item())
+        if first >= 0:
+            raise Diverged(f"training diverged at step {first} (non-finite gradients); the checkpoint in {out} is "
+                           "the last good state")
+
+
+def agree(value: int, world: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every process (itself when alone)."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(tensor, 0)
+    return int(tensor.item())
+
+
+class Budget:
+    """``--minutes``: a wall-time budget for the run (a lent GPU session, a CPU slot).
+
+    The loop stops with a checkpoint at the first log step after the budget is spent. So that the cosine schedule ends there rather than
+    being cut off, the step count is fixed once, from the measured speed of steps ``start + 5`` to ``start + 25``
+    (the first ones include compilation and warm-up), to what fits the rest of the budget, less 3% for the
+    sample grids and checkpoints. Warm-up steps do not depend on the step count, so a ``--warmup`` of 25 steps or
+    more makes the schedule exactly a cosine ending at the new count.
+    """
+
+    FROM, TO, MARGIN = 5, 25, 0.97
+
+    def __init__(self, minutes: float, start_step: int):
+        self.seconds, self.start = 60.0 * minutes, start_step
+        self.t0, self.t_from = time.perf_counter(), None
+        self.planned: int | None = None
+
+    def spent(self) -> bool:
+        return time.perf_counter() - self.t0 >= self.seconds
+
+    def plan(self, step: int, device: torch.device) -> int | None:
+        """After step ``step``: the step count that fills the budget, once, when the speed is known."""
+        if self.planned is not None or step not in (self.start + self.FROM, self.start + self.TO):
+            return None
+        synchronize(device)
+        now = time.perf_counter()
+        if step == self.start + self.FROM:
+            self.t_from = now
+            return None
+        rate = (self.TO - self.FROM) / (now - self.t_from)
+        self.planned = step + int(self.MARGIN * rate * (self.seconds - (now - self.t0)))
+        return self.planned
 
 
 class CollapseWatch:
@@ -251,16 +386,25 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     after each optimizer step; an exception it raises stops the run after a checkpoint, like Ctrl-C does."""
     if cfg.rec_loss not in ("l1", "l2"):
         raise InputError(f"rec_loss {cfg.rec_loss!r}: choose l1 or l2")
+    if cfg.freeze_encoder and not cfg.init_encoder:
+        raise InputError("freezing the encoder needs an encoder to start from (--init-encoder)")
     rank, world, device = distributed_setup(cfg.device)
-    if cfg.batch_size % world:
-        raise InputError(f"batch size {cfg.batch_size} does not split over {world} processes")
-    out = Path(cfg.out)
+    shards = world * cfg.accum
+    if cfg.accum < 1 or cfg.batch_size % shards:
+        raise InputError(f"batch size {cfg.batch_size} does not split into {world} process(es) x {cfg.accum} "
+                         "micro-batch(es) of equal size")
+    out = Path(cfg.out)  # created only once everything below has been checked: a failed start leaves nothing
     is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = build_model(cfg.model_config()).to(device)
+    model = build_model(cfg.model_config())
+    if not (cfg.resume and (out / "checkpoint.safetensors").exists()):  # a resumed run has its weights
+        if cfg.warm_start:
+            warm_start(model, cfg.warm_start)
+        if cfg.init_encoder:
+            load_encoder(model, cfg.init_encoder)
+    # channels_last: cuDNN's and oneDNN's fast convolutions are NHWC; inputs are converted as they arrive
+    model = model.to(device, memory_format=torch.channels_last).set_grad_checkpointing(cfg.grad_checkpoint)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
         model.compile_networks(cfg.compile)
@@ -283,18 +427,30 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     else:
         loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight).to(device)
     wrap = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else m  # noqa: E731
+        if dist.is_initialized() else m  # noqa: E731
     net = wrap(model)
     disc_net = wrap(disc) if gan else None
     watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None
 
     dataset = ImageFolder(cfg.data, cfg.resolution, cfg.crop, cfg.seed)
-    per_rank = cfg.batch_size // world
-    loader = iter(DataLoader(dataset, per_rank, sampler=DrawSampler(per_rank, step, rank, world),
-                             num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                             persistent_workers=cfg.workers > 0))
-    fixed = dataset.fixed_batch(cfg.sample_count).to(device) if is_main and cfg.sample_count else None
+    fixed = dataset.fixed_batch(max(1, cfg.sample_count))  # InputError here if no image at all is readable
+    fixed = fixed.to(device) if is_main and cfg.sample_count else None
+    micro = cfg.batch_size // shards
+    sampler = DrawSampler(micro, step, rank, world, cfg.accum)
+    if cfg.data_on_device:  # the same draws as the loader's, cut from images already on the device
+        resident = DeviceImages(dataset, device, workers=max(1, cfg.workers))
+        next_batch = lambda step: resident.batch(sampler.draws(step))  # noqa: E731
+    else:
+        loader = iter(DataLoader(dataset, micro * cfg.accum, sampler=sampler, num_workers=cfg.workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0))
+        next_batch = lambda step: next(loader).to(device, non_blocking=True)  # noqa: E731
+    finite = FiniteWatch(device)
+    budget = Budget(cfg.minutes, step) if cfg.minutes is not None else None
     generator = torch.Generator(device)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if step:
+            resume_log(out / "log.jsonl", step)
     progress = _Progress(cfg.steps, step) if is_main else None
     log_file = open(out / "log.jsonl", "a") if is_main else None
 
@@ -304,36 +460,61 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     try:
         t0, seen = time.perf_counter(), 0
         while step < cfg.steps:
-            x = next(loader).to(device, non_blocking=True)
+            x = next_batch(step).contiguous(memory_format=torch.channels_last)
             model.train()
             lr = lr_at(step, cfg)
             for o in opts.values():
                 for group in o.param_groups:
                     group["lr"] = lr
-            generator.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            with autocast(device):
+            micro_x, recons = x.split(micro), []
+
+            def shard_loss(j: int, x: torch.Tensor):
+                # shard rank * accum + j draws its noise as if it were a process of its own
+                generator.manual_seed(cfg.seed * 1_000_003 + step * shards + sampler.shards()[j])
                 loss, logs = loss_fn(net, x, generator, step)
+                recons.append(getattr(loss_fn, "recon", None))  # SD-VAE: the discriminator's fakes
+                return loss, logs
+
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_or_diverge(model.parameters(), cfg.grad_clip, "autoencoder", step, out)
+            logs = accumulate(net, micro_x, shard_loss, device)
+            if step < cfg.freeze_encoder:  # no gradient: AdamW then leaves those weights alone, decay included
+                for p in model.encoder.parameters():
+                    p.grad = None
+            grad_norm = finite.clip(model.parameters(), cfg.grad_clip, "autoencoder", step)
             in_update = True
             opt.step()
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
-            if gan and loss_fn.gan_active(step):  # SD-VAE: then the discriminator, on the same batch
-                with autocast(device):
-                    d_loss, d_logs = loss_fn.discriminator_loss(disc_net, x)
+            if gan and loss_fn.gan_active(step):  # SD-VAE: then the discriminator, on the same micro-batches
+
+                def disc_loss(j: int, x: torch.Tensor):
+                    loss_fn.recon = recons[j]  # discriminator_loss scores the last reconstruction: micro-batch j's
+                    return loss_fn.discriminator_loss(disc_net, x)
+
                 opts["disc_optimizer"].zero_grad(set_to_none=True)
-                d_loss.backward()
-                clip_or_diverge(disc.parameters(), math.inf, "discriminator", step, out)
+                logs |= accumulate(disc_net, micro_x, disc_loss, device)
+                finite.clip(disc.parameters(), math.inf, "discriminator", step)
                 opts["disc_optimizer"].step()
-                logs |= d_logs
             step += 1
             in_update = False
             seen += x.shape[0] * world
             for k, v in logs.items():
                 sums[k], counts[k] = (sums[k] + v, counts[k] + 1) if k in sums else (v, 1)
 
+            if budget is not None:  # rank 0 decides, so that every process stops at the same step
+                if (planned := budget.plan(step, device)) is not None:
+                    planned = agree(planned, world, device)
+                    if planned < cfg.steps:
+                        cfg = dataclasses.replace(cfg, steps=max(step + 1, planned))
+                        if progress is not None:
+                            progress.bar.update(progress.task, total=cfg.steps)
+                        if is_main:
+                            log_file.write(json.dumps({"step": step, "event": "budget", "steps": cfg.steps}) + "\n")
+                if step % cfg.log_every == 0 and agree(int(budget.spent()), world, device):
+                    cfg = dataclasses.replace(cfg, steps=step)  # the last step: log, grid and checkpoint now
+
             collapsed = None
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                finite.check(out)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "img_per_s": seen / elapsed,
@@ -354,6 +535,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             # while the GAN looks collapsed, periodic checkpoints wait, so the one on disk stays a good one
             suspect = watch is not None and watch.streak > 0 and step != cfg.steps
             if is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps) and not suspect:
+                finite.check(out)
                 save_checkpoint(out, model, ema, opts, step, cfg, world, disc)
             if on_step is not None:
                 on_step(step, logs)
@@ -363,7 +545,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             print(f"warning: {exc}", file=sys.stderr)
         raise
     except BaseException:
-        if is_main and step > 0 and not in_update:
+        if is_main and step > 0 and not in_update and int(finite.first_bad.item()) < 0:
             save_checkpoint(out, model, ema, opts, step, cfg, world, disc)
         raise
     finally:
@@ -371,6 +553,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             progress.close()
         if log_file is not None:
             log_file.close()
+    if is_main and cfg.stats_images:  # the exported model carries its latents' statistics
+        ema.latent_stats = measure_folder(ema, cfg.data, cfg.stats_images)
+        save_model(ema, out / "model.safetensors", step=str(step))
     return ema
 
 

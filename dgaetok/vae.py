@@ -10,13 +10,28 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-class ResnetBlock(nn.Module):
+class Checkpointed(nn.Module):
+    """A block that can trade compute for memory: with ``grad_checkpointing`` on, training forwards keep only the
+    block's inputs and recompute its inside during backward (`torch.utils.checkpoint`, non-reentrant, as
+    guided-diffusion's ``use_checkpoint``). Subclasses define ``_forward``; results and gradients are unchanged.
+    """
+
+    grad_checkpointing = False
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+
+class ResnetBlock(Checkpointed):
     """Pre-activation residual block without time conditioning (SD-VAE's `ResnetBlock`)."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
@@ -28,13 +43,13 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(Checkpointed):
     """Single-head spatial self-attention with 1x1 projections (SD-VAE's mid-block attention)."""
 
     def __init__(self, channels: int):
@@ -43,7 +58,7 @@ class AttnBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         # contiguous, so that the CPU too takes the fused kernel (see unet.AttentionBlock)
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).contiguous().unbind(1)

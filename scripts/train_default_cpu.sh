@@ -8,7 +8,7 @@ resume=$([ -f "$out/checkpoint.safetensors" ] && echo --resume || true)
 dgaetok train ../shared/data/train --out "$out" --preset dgae-s -f 8 -c 4 --crop 64 --batch-size 8 \
   --steps 4000 --lr 2e-4 --warmup 200 --lpips-weight 0 --ckpt-every 250 --sample-every 1000 --sample-steps 10 \
   --workers 2 --log-every 25 $resume
-python - "$out/model.safetensors" weights/dgae-s-f8c4.safetensors <<'PY'
+python - "$out/model.safetensors" weights/default.safetensors <<'PY'
 import sys, torch
 from safetensors import safe_open
 from dgaetok.models import load_model, save_model

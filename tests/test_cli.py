@@ -6,6 +6,7 @@ of the installed entry point, a SIGKILL mid-run).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -33,6 +33,7 @@ from dgaetok.pipeline import decode_batch, seeded_noise
 from conftest import save_tiny_model
 
 runner = CliRunner()
+NOT_AN_IMAGE = "not an image file, or a format Pillow cannot decode"
 SUMMARY = re.compile(r"^(encode|decode): (\d+) written, (\d+) already there \(skipped\), (\d+) failed$")
 
 
@@ -263,9 +264,9 @@ def test_keep_size_round_trips_any_size_and_crops_back(tmp_path, tiny_model_file
 
 
 def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, monkeypatch):
-    """--tile decodes any size; an image over --pixel-budget, or a batch that runs out of memory, is decoded
-    tiled instead, in tiles of the model's resolution (64 px here), with one note line per file, and exactly
-    as `--tile 64` decodes it."""
+    """--tile decodes any size; an image over --max-pixels, or one that runs out of memory, is decoded in tiles
+    instead, of the model's resolution (64 px here), with one note line per file, and exactly as `--tile 64`
+    decodes it; up to 16 times the budget."""
     src = tmp_path / "src"
     write_image(src / "a.png", (72, 40))
     write_image(src / "b.png", (72, 40), seed=1)
@@ -279,11 +280,16 @@ def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, m
     with Image.open(tmp_path / "small" / "a.png") as img:
         assert img.size == (72, 40)
 
-    budget = cli("decode", tmp_path / "latents", "-o", tmp_path / "budget", "--pixel-budget", 2000, *args)
+    budget = cli("decode", tmp_path / "latents", "-o", tmp_path / "budget", "--max-pixels", 2000, *args)
     assert budget.exit_code == 0 and summary(budget) == (2, 0, 0)
     notes = [line for line in err_lines(budget) if line.startswith("note: ")]
-    assert notes == [f"note: {tmp_path / 'latents' / name}.safetensors: 72x40 is over the pixel budget of 2000; "
-                     "decoded in 64-pixel tiles (as --tile 64 --overlap 32)" for name in "ab"]
+    assert notes == [f"note: {tmp_path / 'latents' / name}.safetensors: 72x40 is over the pixel budget of 2,000 per "
+                     "image decoded whole; decoded in 64-pixel tiles (as --tile 64 --overlap 32)" for name in "ab"]
+    refused = cli("decode", tmp_path / "latents", "-o", tmp_path / "refused", "--max-pixels", 100, *args)
+    assert refused.exit_code == 1 and summary(refused) == (0, 0, 2)
+    assert failures(refused)[0] == (f"failed: {tmp_path / 'latents' / 'a.safetensors'}: its latent decodes to 2,880 "
+                                    "pixels, over 16 x the pixel budget of 100 per image, the most it decodes even in "
+                                    "tiles; raise it with --max-pixels")
 
     real_decode = type(load_model(tiny_model_file)).decode
 
@@ -303,30 +309,35 @@ def test_decode_tiled_and_the_fallback_decode_alike(tmp_path, tiny_model_file, m
         assert (tmp_path / "oom" / name).read_bytes() == (tmp_path / "tiled" / name).read_bytes()
 
 
-def test_the_pixel_budget_splits_batches_and_tiles_only_what_is_over_it(tiny_model_file, monkeypatch):
+def test_decode_batch_falls_back_to_tiles_one_image_at_a_time(tiny_model_file, monkeypatch):
+    """Out of memory: a batch of several re-raises (the folder job then retries its images one by one, whole);
+    a single image is decoded in tiles of the model's resolution instead. Other errors are not caught."""
     model = load_model(tiny_model_file)
-    z = torch.randn(5, 4, 5, 6, generator=torch.Generator().manual_seed(0))
-    noise = seeded_noise(0, 40, 48, 5)
-    calls = []
-    real_decode = type(model).decode
+    z = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    noise = seeded_noise(0, 40, 48, 2)
+    real_decode, calls, error = type(model).decode, [], [torch.OutOfMemoryError("CUDA out of memory")]
 
-    def counting_decode(self, z, *args, **kwargs):
-        calls.append((len(z), kwargs["tile"], kwargs.get("chunk")))
-        return real_decode(self, z, *args, **kwargs)
+    def decode(self, z, *args, tile=None, **kwargs):
+        calls.append((len(z), tile))
+        if tile is None:
+            raise error[0]
+        return real_decode(self, z, *args, tile=tile, **kwargs)
 
-    monkeypatch.setattr(type(model), "decode", counting_decode)
-    whole, note = decode_batch(model, z, noise, 1, "euler", 1.0, pixel_budget=None)
-    assert calls == [(5, None, None)] and note == ""
+    monkeypatch.setattr(type(model), "decode", decode)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_batch(model, z, noise, 1, "euler", 1.0)
+    images, note = decode_batch(model, z[:1], noise[:1], 1, "euler", 1.0)
+    assert calls == [(2, None), (1, None), (1, 64)] and images.shape == (1, 3, 40, 48)
+    assert note == "out of memory decoding 48x40 whole; decoded in 64-pixel tiles (as --tile 64 --overlap 32)"
     calls.clear()
-    split, note = decode_batch(model, z, noise, 1, "euler", 1.0, pixel_budget=2 * 40 * 48)
-    assert calls == [(2, None, 1), (2, None, 1), (1, None, 1)] and note == ""
-    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+    error[0] = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 400000000000 bytes")
+    assert decode_batch(model, z[:1], noise[:1], 1, "euler", 1.0)[1].startswith("out of memory decoding")
+    error[0] = RuntimeError("Calculated padded input size per channel: (0 x 0)")
+    with pytest.raises(RuntimeError, match="padded input"):
+        decode_batch(model, z[:1], noise[:1], 1, "euler", 1.0)
     calls.clear()
-    tiled, _ = decode_batch(model, z, noise, 1, "euler", 1.0, tile=32, overlap=8, pixel_budget=3 * 32 * 32)
-    assert calls == [(3, 32, 1), (2, 32, 1)]  # 3 images per call, their tiles one at a time
-    calls.clear()
-    tiled, _ = decode_batch(model, z, noise, 1, "euler", 1.0, tile=32, overlap=8, pixel_budget=20 * 32 * 32)
-    assert calls == [(5, 32, 4)]
+    _, note = decode_batch(model, z, noise, 1, "euler", 1.0, why_tiled="over budget")
+    assert calls == [(2, 64)] and note == "over budget; decoded in 64-pixel tiles (as --tile 64 --overlap 32)"
 
 
 def test_bad_tile_options(tmp_path, encoded, album, tiny_model_file):
@@ -389,9 +400,9 @@ def test_encode_bad_images_fail_one_by_one(tmp_path, album, tiny_model_file):
     assert result.exit_code == 1
     assert summary(result) == (1, 0, 4)
     assert sorted(failures(result)) == sorted([
-        f"failed: {src / 'corrupt.jpg'}: not an image file",
+        f"failed: {src / 'corrupt.jpg'}: {NOT_AN_IMAGE}",
         f"failed: {src / 'empty.png'}: empty file",
-        f"failed: {src / 'x.png'}: not an image file",
+        f"failed: {src / 'x.png'}: {NOT_AN_IMAGE}",
         next(line for line in failures(result) if line.startswith(f"failed: {src / 'sub' / 'truncated.jpg'}: "
                                                                   "corrupt or truncated image (")),
     ])
@@ -423,17 +434,17 @@ def test_encode_resumes_after_an_output_is_deleted(tmp_path, encoded, album, tin
 
 def test_encode_interrupted_mid_batch_then_resumed(tmp_path, encoded, album, tiny_model_file, monkeypatch):
     out = tmp_path / "out"
-    real_save = files.save_file
+    real_write = files.write_file
     calls = []
 
-    def interrupted_save(tensors, filename, metadata=None):
+    def interrupted_write(filename, data):
         calls.append(filename)
         if len(calls) == 3:  # the third file of the first batch: some bytes reach the disk, then Ctrl-C
-            Path(filename).write_bytes(b"\x08\x00\x00\x00half")
+            Path(filename).write_bytes(data[:12])
             raise KeyboardInterrupt
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(filename, data)
 
-    monkeypatch.setattr(files, "save_file", interrupted_save)
+    monkeypatch.setattr(files, "write_file", interrupted_write)
     result = runner.invoke(app, ["encode", str(album), "-o", str(out), "--batch-size", "4",
                                  *model_args(tiny_model_file)])
     assert result.exit_code not in (0, 2)  # click turns Ctrl-C into "Aborted!" and exit 1
@@ -527,15 +538,15 @@ def test_encode_write_failures_are_per_file(tmp_path, album, tiny_model_file, mo
     out.mkdir()
     (out / "sub").write_text("a file where the mirrored folder should go")
     (out / "bsds.safetensors").mkdir()  # a folder in the way is not an encoded file: it must fail, not be skipped
-    real_save = files.save_file
+    real_write = files.write_file
 
-    def disk_full_for_tench(tensors, filename, metadata=None):
+    def disk_full_for_tench(filename, data):
         if "n01440764_tench" in str(filename):
-            Path(filename).write_bytes(b"partial")
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real_save(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(data[:7])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(filename, data)
 
-    monkeypatch.setattr(files, "save_file", disk_full_for_tench)
+    monkeypatch.setattr(files, "write_file", disk_full_for_tench)
     result = cli("encode", album, "-o", out, *model_args(tiny_model_file))
     assert result.exit_code == 1
     assert summary(result) == (0, 0, 5)
@@ -561,19 +572,19 @@ def test_encode_reads_ahead_by_a_bounded_window(tmp_path, tiny_model_file, monke
     for i in range(16):
         write_image(src / f"{i:02d}.png", (64, 64), seed=i)
     loaded, saved, ahead = [], [], []
-    real_open, real_save = pipeline.open_image, files.save_file
+    real_open, real_write = pipeline.open_image, files.write_file
 
-    def counting_open(path):
+    def counting_open(path, *args):
         loaded.append(path)
-        return real_open(path)
+        return real_open(path, *args)
 
-    def counting_save(tensors, filename, metadata=None):
+    def counting_write(filename, data):
         ahead.append(len(loaded) - len(saved))
         saved.append(filename)
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(filename, data)
 
     monkeypatch.setattr(pipeline, "open_image", counting_open)
-    monkeypatch.setattr(files, "save_file", counting_save)
+    monkeypatch.setattr(files, "write_file", counting_write)
     result = cli("encode", src, "-o", tmp_path / "out", "--batch-size", 2, "--workers", 1, *model_args(tiny_model_file))
     assert result.exit_code == 0 and summary(result) == (16, 0, 0)
     # the batch being written, the input that closed it, and a window of batch size + 2 x workers
@@ -640,13 +651,14 @@ def test_non_model_safetensors_as_model(tmp_path, album, encoded):
                       str(latent), "not a dgaetok model file")
 
 
-def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file):
+def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_model_file, monkeypatch):
     out = tmp_path / "out"
     assert_user_error(cli("decode", encoded, "-o", out, "--sampler", "rk4", *model_args(tiny_model_file)),
                       "--sampler rk4", "euler, heun")
     assert_user_error(cli("decode", encoded, "-o", out, "--model", tiny_model_file, "--device", "tpu9"),
                       "--device tpu9", "not a torch device")
-    if not torch.cuda.is_available():
+    with monkeypatch.context() as patch:  # a machine without CUDA, whatever this one has
+        patch.setattr(torch.cuda, "is_available", lambda: False)
         for command in ("encode", "decode"):
             assert_user_error(cli(command, encoded, "-o", out, "--model", tiny_model_file, "--device", "cuda"),
                               "--device cuda", "CUDA is not available")
@@ -659,6 +671,18 @@ def test_unknown_sampler_device_and_compile_mode(tmp_path, album, encoded, tiny_
     assert not out.exists()
 
 
+def test_train_on_a_folder_without_a_readable_image(tmp_path):
+    """One line naming the folder, exit 2, and no --out folder left behind."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not a jpeg")
+    (data / "b.png").write_text("text")
+    result = cli("train", data, "--out", out, "--preset", "dgae-t", "--resolution", 32, "-f", 8, "-c", 4,
+                 "--steps", 1, "--workers", 0, "--lpips-weight", 0, "--device", "cpu")
+    assert_user_error(result, str(data), "no readable image among its 2 image files")
+    assert not out.exists()
+
+
 def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_file):
     """Rich markup must not eat `[bold]` in a file name, nor crash on `[/b]`."""
     src = tmp_path / "src"
@@ -668,8 +692,8 @@ def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_fil
     write_image(src / "ok[red].png", (64, 64))
     result = cli("encode", src, "-o", tmp_path / "out", *model_args(tiny_model_file))
     assert result.exit_code == 1
-    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: not an image file",
-                                        f"failed: {src / 'c[bold]x.png'}: not an image file"]
+    assert sorted(failures(result)) == [f"failed: {src / '[' / 'b].png'}: {NOT_AN_IMAGE}",
+                                        f"failed: {src / 'c[bold]x.png'}: {NOT_AN_IMAGE}"]
     latent = tmp_path / "out" / "ok[red].safetensors"
     result = cli("info", latent)
     assert result.exit_code == 0 and "ok[red].png" in result.stdout
@@ -677,6 +701,22 @@ def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_fil
 
 
 # --- decode ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_round_trip_matches_the_cpu_one(tmp_path, album, encoded, decoded, tiny_model_file):
+    """--device cuda end to end: the same files, latents equal to bf16 precision, images within a few levels."""
+    result = cli("encode", album, "-o", tmp_path / "latents", "--model", tiny_model_file, "--device", "cuda")
+    assert result.exit_code == 0 and summary(result) == (5, 0, 0)
+    for rel in ALBUM_LATENTS:
+        torch.testing.assert_close(read_latent(tmp_path / "latents" / rel)[0], read_latent(encoded / rel)[0],
+                                   atol=0.05, rtol=0.05)
+    result = cli("decode", encoded, "-o", tmp_path / "pngs", "--steps", 2, "--model", tiny_model_file,
+                 "--device", "cuda")
+    assert result.exit_code == 0 and summary(result) == (5, 0, 0)
+    for rel in outputs(decoded, ""):
+        a, b = (np.asarray(Image.open(folder / rel), dtype=np.int16) for folder in (tmp_path / "pngs", decoded))
+        assert np.abs(a - b).mean() < 4, rel
 
 
 def test_round_trip_gives_a_png_per_input_at_model_resolution(decoded, encoded):
@@ -787,8 +827,7 @@ def test_info_errors(tmp_path, album):
     text = tmp_path / "x.png"
     text.write_text("hello")
     cases = [
-        (tmp_path / "missing.safetensors", "no such file"),
-        (tmp_path, "no such file"),
+        (tmp_path / "missing.safetensors", "no such file or folder"),
         (album / "bsds.jpg", "not a safetensors file"),
         (text, "not a safetensors file"),
         (other, "neither a dgaetok model nor a latent file"),
@@ -796,6 +835,38 @@ def test_info_errors(tmp_path, album):
     ]
     for path, message in cases:
         assert_user_error(cli("info", path), str(path), message)
+
+
+def test_info_on_a_folder_summarises_its_latents(tmp_path, encoded, tiny_model_file, other_model_file):
+    folder = copy_tree(encoded, tmp_path / "latents")
+    write_latent(folder / "other.safetensors", torch.zeros(4, 6, 8), {"model_hash": file_sha256(other_model_file)})
+    shutil.copy(tiny_model_file, folder / "sub" / "model.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\x00" * 40)
+    (folder / "cut.safetensors").write_bytes((encoded / ALBUM_LATENTS[0]).read_bytes()[:-10])
+    result = cli("info", folder)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"latents\s+6, made by 2 model\(s\)", result.stdout)
+    assert re.search(rf"model {file_sha256(tiny_model_file)}\s+dgae-t f8 c4: 5 x \(4, 8, 8\)", result.stdout)
+    assert re.search(rf"model {file_sha256(other_model_file)}\s+config unknown: 1 x \(4, 6, 8\)", result.stdout)
+    flat = re.sub(r"\s+", "", result.stdout)  # long paths fold over lines
+    assert f"modelfiles{folder}/sub/model.safetensors".replace(" ", "") in flat
+    assert re.search(r"other\s+2 \.safetensors file\(s\) unreadable", result.stdout)
+    assert f"{folder / 'broken.safetensors'}: not a safetensors file" in result.stdout
+    assert f"{folder / 'cut.safetensors'}: unreadable latent file (cut short" in result.stdout
+
+
+def test_help_names_arguments_and_describes_every_option():
+    for command in ("encode", "decode", "info", "train", "bench rfid"):
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        assert "{" not in usage and re.search(r"\[OPTIONS\] [A-Z]+", usage), usage
+        assert "<bool>" not in result.output
+    for command in ("encode", "decode"):
+        help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        options = re.findall(r"│ [ *] +(--[a-z-]+)(?: +-\w)? +(?:<[^>]+>(?: \[[^]]+\])?)? *(\S.*?)? *│", help_text)
+        described = {name for name, text in options if text}
+        assert {"--overwrite", "--device", "--max-pixels", "--output"} <= described, options
 
 
 # --- the real console command -----------------------------------------------------------------------------------
@@ -821,6 +892,41 @@ def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == [f"failed: {src / 'b.png'}: not an image file",
+    assert lines == [f"failed: {src / 'b.png'}: {NOT_AN_IMAGE}",
                      "encode: 1 written, 0 already there (skipped), 1 failed"]
     assert outputs(tmp_path / "o2", "") == ["a.safetensors"]
+
+
+def test_the_decode_bar_moves_with_every_step(monkeypatch):
+    """The bar counts images x steps: a batch of two at 3 steps moves at each step, before any file is done."""
+    import dgaetok.cli as cli_module
+    from dgaetok.pipeline import Item
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, *columns, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add_task(self, description, total, **fields):
+            seen.append(("total", total))
+            return 0
+
+        def update(self, task, completed=None, **fields):
+            seen.append(("at", completed))
+
+    def items(on_step):
+        for _ in range(3):
+            on_step(2)  # one ODE step of a batch of two images
+        yield Item(Path("a"), Path("a.png"), "done")
+        yield Item(Path("b"), Path("b.png"), "done")
+
+    monkeypatch.setattr(cli_module, "Progress", Recorder)
+    cli_module.run_job([None, None], items, "decode", steps=3)  # no failure: returns
+    assert seen == [("total", 6), ("at", 2), ("at", 4), ("at", 6), ("at", 6), ("at", 6)]

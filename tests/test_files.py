@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from dgaetok.errors import InputError
-from dgaetok.files import (IMAGE_SUFFIXES, LATENT_FORMAT, atomic_path, center_crop, find_files, open_image,
-                           pad_to_multiple, padding_of, prepare_output_dir, read_latent, resize_shorter_side,
-                           to_tensor, to_uint8, unpad, write_latent)
+from dgaetok.errors import InputError, TooLarge
+from dgaetok.files import (IMAGE_SUFFIXES, LATENT_FORMAT, atomic_path, center_crop, describe_failure, display_name,
+                           find_files, open_image, pad_to_multiple, padding_of, prepare_output_dir, read_latent,
+                           resize_shorter_side, to_tensor, to_uint8, unpad, walk_files, write_latent)
 
 
 def leftovers(folder) -> list[str]:
@@ -93,6 +93,80 @@ def test_find_files_single_file_and_missing_root(tmp_path):
     with pytest.raises(InputError, match="no such file or folder") as err:
         find_files(tmp_path / "missing", IMAGE_SUFFIXES)
     assert str(tmp_path / "missing") in str(err.value)
+
+
+def old_find_files(root, suffixes):
+    """The pathlib walk find_files replaced: the reference for its order and its choices."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def test_find_files_lists_what_the_pathlib_walk_listed_in_the_same_order(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["a", "a b", "a.b", "A", "b-1", "b_1", "b1", "z", "Z.x", "ä", "日本"]
+    for i in range(300):
+        depth = rng.integers(0, 4)
+        parts = [str(rng.choice(names)) for _ in range(depth)]
+        name = f"{rng.choice(names)}{rng.choice(['.jpg', '.PNG', '.txt', '.jpeg', ''])}"
+        path = tmp_path.joinpath(*parts, name)
+        if any(p.is_file() for p in path.parents) or path.is_dir():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    found = find_files(tmp_path, IMAGE_SUFFIXES)
+    assert len(found) > 50 and found == old_find_files(tmp_path, IMAGE_SUFFIXES)
+    assert walk_files(tmp_path, IMAGE_SUFFIXES) == [str(p) for p in found]
+
+
+def test_find_files_follows_linked_folders_once_and_survives_loops(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    (outside / "deep").mkdir(parents=True)
+    for path in (root / "a.jpg", root / "sub" / "b.jpg", outside / "c.jpg", outside / "deep" / "d.jpg"):
+        path.write_bytes(b"x")
+    (root / "link").symlink_to(outside)
+    (root / "link2").symlink_to(outside)  # the same folder again: listed once, under its first name
+    (root / "sub" / "up").symlink_to(root)  # a loop
+    (outside / "back").symlink_to(outside / "deep")  # reached twice from inside the linked folder too
+    (root / "file-link.jpg").symlink_to(root / "a.jpg")  # a link to a file is a file
+    (root / "broken.jpg").symlink_to(root / "missing.jpg")  # listed, so that reading it fails with a message
+    found = [p.relative_to(root).as_posix() for p in find_files(root, IMAGE_SUFFIXES)]
+    assert found == ["a.jpg", "broken.jpg", "file-link.jpg", "link/back/d.jpg", "link/c.jpg", "sub/b.jpg"]
+
+
+def test_find_files_reports_folders_it_cannot_read(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open" / "a.jpg").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path):  # root reads any folder, so the refusal is simulated
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    errors = []
+    assert find_files(tmp_path, IMAGE_SUFFIXES, errors) == [tmp_path / "open" / "a.jpg"]
+    assert errors == [f"{tmp_path / 'locked'}: cannot read the folder (Permission denied)"]
+
+
+def test_names_that_are_not_utf8_are_kept_and_printed_escaped(tmp_path):
+    name = os.fsdecode(b"caf\xe9 \xff.jpg")  # Latin-1 bytes, as an old camera or a zip may leave them
+    folder = tmp_path / os.fsdecode(b"dir\xfe")
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / name, format="JPEG")
+    [found] = find_files(tmp_path, IMAGE_SUFFIXES)
+    assert found == folder / name and open_image(found).size == (8, 8)
+    assert display_name(found) == f"{tmp_path}/dir\\xfe/caf\\xe9 \\xff.jpg"
+    display_name(found).encode("utf-8")  # printable
+    write_latent(folder / "z\udcff.safetensors", torch.ones(4, 2, 2), {"source": display_name(name)})
+    latent, meta = read_latent(folder / "z\udcff.safetensors")
+    assert torch.equal(latent, torch.ones(4, 2, 2)) and meta["source"] == "caf\\xe9 \\xff.jpg"
+    (folder / "x\udcff.png").write_bytes(b"not an image")
+    with pytest.raises(InputError) as err:
+        open_image(folder / "x\udcff.png")
+    assert str(err.value).startswith(f"{tmp_path}/dir\\xfe/x\\xff.png: ")
 
 
 # --- resizing and cropping ------------------------------------------------------------------------------------
@@ -219,6 +293,55 @@ def test_open_image_errors_name_the_file(tmp_path, shared_data):
         assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_float_and_wide_integer_images_are_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    cases = {"unit.tif": ramp, "bytes.tif": ramp * 255, "int16.tif": (ramp * 65535).astype(np.int32),
+             "int8.tif": (ramp * 255).astype(np.int32)}
+    for name, values in cases.items():
+        Image.fromarray(values).save(tmp_path / name)
+        out = np.asarray(open_image(tmp_path / name))[..., 0].astype(int)
+        assert np.abs(out - np.round(ramp * 255)).max() <= 1, name  # 0 .. 255, not black / white
+    for values, message in [(ramp * 300, r"values in \[0, 300\]; expected 0-1 or 0-255"), (ramp - 0.5, "-0.5"),
+                            (np.full((4, 4), np.inf, np.float32), "NaN or infinite"),
+                            (np.full((4, 4), 70000, np.int32), "expected 8 or 16 bits")]:
+        Image.fromarray(values).save(tmp_path / "bad.tif")
+        with pytest.raises(InputError, match=message):
+            open_image(tmp_path / "bad.tif")
+
+
+def test_each_failure_gets_its_own_label(tmp_path, monkeypatch):
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(InputError, match=r"folder.jpg: cannot read \(Is a directory\)"):
+        open_image(tmp_path / "folder.jpg")
+    with pytest.raises(InputError, match=r"missing.jpg: cannot read \(No such file or directory\)"):
+        open_image(tmp_path / "missing.jpg")
+    path = tmp_path / "big.png"
+    Image.new("L", (200, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # PIL refuses twice its warning limit: 10000 < 20000
+    with pytest.raises(InputError, match=r"big.png: refused as a possible decompression bomb \(Image size"):
+        open_image(path)
+    assert describe_failure(path, MemoryError()).startswith(f"{path}: MemoryError: MemoryError (out of memory")
+    assert describe_failure(path, RuntimeError("bad shape\nmore")) == f"{path}: RuntimeError: bad shape"
+    assert describe_failure(path, InputError("as it was")) == "as it was"
+
+
+def test_the_pixel_budget_is_checked_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "thin.png"
+    Image.new("L", (1, 20000)).save(path)  # 121 bytes: 64 x 1.28M pixels once its shorter side is 64
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda img: decoded.append(img) or real_load(img))
+    with pytest.raises(TooLarge) as err:
+        open_image(path, 1_000_000, shorter_side=64)
+    assert str(err.value) == (f"{path}: the 1x20000 image resized to 64 px on its shorter side is 64x1280000 "
+                              "(81.9M pixels), over the pixel budget of 1.0M per image; raise it with --max-pixels")
+    assert err.value.pixels == 64 * 1_280_000 and err.value.budget == 1_000_000 and decoded == []
+    with pytest.raises(TooLarge, match=r"the image is 1x20000 \(20,000 pixels\), over the pixel budget of 19,999"):
+        open_image(path, 19_999)
+    assert open_image(path, 20_000).size == (1, 20000) and decoded
+    assert open_image(path).size == (1, 20000)  # no budget
+
+
 # --- latent files ---------------------------------------------------------------------------------------------
 
 
@@ -249,6 +372,23 @@ def test_read_latent_rejects_bad_tensors(tmp_path, tensor, message):
     with pytest.raises(InputError, match=message) as err:
         read_latent(path)
     assert str(path) in str(err.value)
+
+
+def test_read_latent_checks_the_header_before_loading_the_tensor(tmp_path):
+    path = tmp_path / "z.safetensors"
+    write_latent(path, torch.zeros(4, 6, 8), {"model_hash": "abc"})
+    seen = []
+
+    def refuse(shape, meta):
+        seen.append((shape, meta["model_hash"]))
+        raise InputError("refused")
+
+    with pytest.raises(InputError, match="refused"):
+        read_latent(path, refuse)
+    assert seen == [((4, 6, 8), "abc")]
+    path.write_bytes(path.read_bytes()[:-4])  # a latent cut short: the header is fine, the data is not
+    with pytest.raises(InputError, match="unreadable latent file"):
+        read_latent(path)
 
 
 def test_read_latent_rejects_other_files(tmp_path):

@@ -1,13 +1,14 @@
 """Flow matching: the straight path's identities, the time grid, the ODE samplers, and seeded decoding."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from dgaetok import flow
-from dgaetok.models import DGAE, DGAE_T
+from dgaetok.models import DGAE, DGAE_T, SDVAE, SDVAE_T, images_per_call
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -224,11 +225,31 @@ def test_decode_equals_integrating_the_velocity(model, latent):
 
 
 def test_decode_is_per_image(model, latent):
-    """One image's reconstruction does not depend on what else is in the batch."""
+    """One image's reconstruction does not depend on what else is in the batch: on the CPU bit for bit (each
+    image gets its own network calls, see models.images_per_call), in channels_last as load_model sets it."""
     noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    both = model.decode(latent, steps=2, noise=noise)
-    one = model.decode(latent[1:], steps=2, noise=noise[1:])
-    torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
+    for net in (model, copy.deepcopy(model).to(memory_format=torch.channels_last)):
+        both = net.decode(latent, steps=2, noise=noise)
+        one = net.decode(latent[1:], steps=2, noise=noise[1:])
+        assert torch.equal(both[1:], one)
+
+
+def test_sample_reports_each_step():
+    seen = []
+    flow.sample(lambda x, t: x, torch.ones(2, 1), 4, "heun", on_step=seen.append)
+    assert seen == [1, 2, 3, 4]
+
+
+def test_decode_reports_image_steps(model, latent):
+    """The progress callback counts images x steps, for both families, so a bar moves within a batch."""
+    reports = []
+    model.decode(latent, steps=3, sampler="heun", generator=torch.Generator().manual_seed(0), on_step=reports.append)
+    assert sum(reports) == len(latent) * 3 and len(reports) == 3 * len(latent) // images_per_call("cpu", len(latent))
+    torch.manual_seed(0)
+    sdvae = SDVAE(SDVAE_T(resolution=32)).eval()
+    reports.clear()
+    sdvae.decode(latent, steps=50, on_step=reports.append)
+    assert sum(reports) == len(latent)
 
 
 def test_decode_rejects_an_unknown_sampler(model, latent):

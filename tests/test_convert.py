@@ -1,0 +1,226 @@
+"""SD-VAE import and export, checked against diffusers' own AutoencoderKL (and its LDM converter) on tiny random
+models: equal posterior means and decodes to 1e-5, in both directions and from the LDM layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers  # the reference implementation, a test extra
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from dgaetok.cli import app
+from dgaetok.convert import convert, export_state_dict, import_checkpoint
+from dgaetok.errors import InputError
+from dgaetok.models import DGAE, DGAE_T, SDVAE, SDVAE_T, load_model, save_model
+from dgaetok.stats import LatentStats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = 1e-5
+
+
+def tiny_autoencoder(seed: int = 0, **kw) -> "diffusers.AutoencoderKL":
+    """A diffusers AutoencoderKL of three levels (f4) at 32 px, every weight random (norms included)."""
+    torch.manual_seed(seed)
+    config = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4, sample_size=32,
+                  scaling_factor=0.5, shift_factor=0.1)
+    model = diffusers.AutoencoderKL(**{**config, **kw}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
+                    else 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(diffusers model, its saved folder)."""
+    model = tiny_autoencoder()
+    folder = tmp_path_factory.mktemp("diffusers") / "tiny-vae"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def images(size: int = 32, n: int = 2) -> torch.Tensor:
+    return torch.rand((n, 3, size, size), generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@torch.no_grad()
+def assert_same_as_diffusers(ours, theirs, size: int = 32) -> None:
+    """Posterior means, and decodes of them, within 1e-5 of diffusers'."""
+    x = images(size)
+    mean = theirs.encode(x).latent_dist.mean
+    torch.testing.assert_close(ours.encode(x).latent_dist.mean, mean, atol=TOL, rtol=0)
+    torch.testing.assert_close(ours.decoder(mean), theirs.decode(mean).sample, atol=TOL, rtol=0)
+    torch.testing.assert_close(ours.decode(mean), theirs.decode(mean).sample.clamp(-1, 1), atol=TOL, rtol=0)
+
+
+def test_import_of_a_diffusers_folder_matches_autoencoderkl(reference, tmp_path):
+    theirs, folder = reference
+    out = tmp_path / "vae.safetensors"
+    _, layout = convert(folder, out)
+    ours = load_model(out)
+    assert layout == "diffusers" and ours.config.arch == "sdvae"
+    c = ours.config
+    assert (c.downsample, c.latent_channels, c.enc_channels, c.enc_ch_mult, c.enc_res_blocks, c.resolution) == \
+        (4, 4, 32, (1, 2, 2), 1, 32)
+    assert_same_as_diffusers(ours, theirs)
+    # diffusers' (z - shift_factor) * scaling_factor becomes the model file's latent statistics
+    assert ours.scaling_factor == pytest.approx(0.5) and ours.latent_stats.shift_factor == pytest.approx(0.1)
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(ours.normalize(z), (z - 0.1) * 0.5)
+
+
+def test_export_to_diffusers_matches_autoencoderkl_and_round_trips(tmp_path):
+    """SD's own multipliers (1, 2, 4, 4) at f8: sdvae-t exported, loaded by diffusers, then imported again."""
+    torch.manual_seed(0)
+    model = SDVAE(SDVAE_T())
+    assert model.config.enc_ch_mult == (1, 2, 4, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(model, tmp_path / "bare.safetensors")
+    bare = CliRunner().invoke(app, ["convert", str(tmp_path / "bare.safetensors"), "--to", "diffusers", "-o",
+                                    str(tmp_path / "bare")])
+    assert bare.exit_code == 0 and "no latent statistics" in bare.stderr
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["scaling_factor"] == 1.0
+
+    model.latent_stats = LatentStats((0.1, -0.2, 0.3, 0.0), (1.0, 2.0, 0.5, 1.5), 10, "test")
+    src = tmp_path / "sdvae-t.safetensors"
+    save_model(model, src)
+
+    result = CliRunner().invoke(app, ["convert", str(src), "--to", "diffusers", "-o", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export").eval()
+    assert theirs.config.scaling_factor == pytest.approx(model.scaling_factor)
+    assert theirs.config.shift_factor == pytest.approx(0.05)
+    assert list(theirs.config.latents_std) == [1.0, 2.0, 0.5, 1.5]
+    assert_same_as_diffusers(load_model(src), theirs, size=64)
+
+    back, layout = import_checkpoint(tmp_path / "export")
+    assert layout == "diffusers" and back.config == model.config
+    assert back.latent_stats.mean == model.latent_stats.mean and back.latent_stats.std == model.latent_stats.std
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_ldm_layout_agrees_with_diffusers_own_ldm_converter(reference, tmp_path):
+    """The LDM names convert writes are the ones diffusers' single-file loader reads; a whole SD checkpoint
+    (.ckpt, under first_stage_model.) and a bare VAE (.safetensors, with LDM's loss keys) both import exactly."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    theirs, folder = reference
+    ldm = export_state_dict(import_checkpoint(folder)[0], "ldm")
+    assert "encoder.mid.attn_1.q.weight" in ldm and ldm["encoder.mid.attn_1.q.weight"].dim() == 4
+    assert "quant_conv.weight" in ldm and "decoder.up.2.upsample.conv.weight" in ldm
+    back = convert_ldm_vae_checkpoint({f"first_stage_model.{k}": v for k, v in ldm.items()}, dict(theirs.config))
+    expected = theirs.state_dict()
+    assert back.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(back[key].reshape(value.shape), value), key
+
+    whole = {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    whole |= {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2), "scale_factor": torch.tensor(0.25)}
+    torch.save({"state_dict": whole, "global_step": 10}, tmp_path / "sd.ckpt")
+    bare = {**ldm, "loss.logvar": torch.zeros(())}
+    save_file(bare, tmp_path / "vae.safetensors")
+    for src in (tmp_path / "sd.ckpt", tmp_path / "vae.safetensors"):
+        ours, layout = import_checkpoint(src, resolution=32)
+        assert layout == "ldm"
+        assert_same_as_diffusers(ours, theirs)
+    assert import_checkpoint(tmp_path / "sd.ckpt")[0].scaling_factor == pytest.approx(0.25)
+    assert import_checkpoint(tmp_path / "vae.safetensors")[0].latent_stats is None
+    sd = import_checkpoint(tmp_path / "vae.safetensors", scaling_factor=0.18215)[0]
+    assert sd.scaling_factor == pytest.approx(0.18215)
+
+
+def test_old_diffusers_attention_names_and_missing_quant_convs(reference, tmp_path):
+    theirs, folder = reference
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((folder / "config.json").read_text())
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    tensors = {}
+    for key, value in load_file(folder / "diffusion_pytorch_model.safetensors").items():
+        for new, old in renames.items():
+            key = key.replace(new, old)
+        tensors[key] = value
+    assert "encoder.mid_block.attentions.0.query.weight" in tensors
+    save_file(tensors, legacy / "diffusion_pytorch_model.safetensors")
+    assert_same_as_diffusers(import_checkpoint(legacy)[0], theirs)
+
+    # Flux-style: no quant_conv / post_quant_conv at all
+    flux = tiny_autoencoder(seed=3, use_quant_conv=False, use_post_quant_conv=False)
+    flux.save_pretrained(tmp_path / "flux")
+    assert_same_as_diffusers(import_checkpoint(tmp_path / "flux")[0], flux)
+
+
+def test_what_cannot_be_mapped_is_refused_in_one_line(reference, tmp_path):
+    _, folder = reference
+    runner = CliRunner()
+
+    def refused(*args) -> str:
+        result = runner.invoke(app, ["convert", *map(str, args)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) <= 2
+        return " ".join(result.stderr.split())
+
+    ldm = export_state_dict(import_checkpoint(folder)[0], "ldm")
+    save_file({**ldm, "encoder.mid.attn_2.q.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    assert "cannot place key encoder.mid.attn_2.q.weight" in refused(tmp_path / "extra.safetensors", "-o",
+                                                                     tmp_path / "x.safetensors")
+    del ldm["decoder.conv_out.bias"]
+    save_file(ldm, tmp_path / "short.safetensors")
+    assert "missing key decoder.conv_out.bias" in refused(tmp_path / "short.safetensors", "-o", tmp_path / "x")
+
+    # a pickle that would run code is never unpickled
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}, "callback": Path("/")},
+               tmp_path / "code.ckpt")
+    assert "weights_only" in refused(tmp_path / "code.ckpt", "-o", tmp_path / "x.safetensors")
+
+    # a config.json that contradicts the weights, or asks for what dgaetok's SD-VAE cannot be
+    for key, value in (("layers_per_block", 2), ("norm_num_groups", 16), ("_class_name", "AutoencoderTiny")):
+        bad = tmp_path / f"bad-{key}"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()),
+                                                     key: value}))
+        (bad / "diffusion_pytorch_model.safetensors").symlink_to(folder / "diffusion_pytorch_model.safetensors")
+        assert f"config.json has {key}" in refused(bad, "-o", tmp_path / "x.safetensors")
+
+    torch.manual_seed(0)
+    save_model(DGAE(DGAE_T()), tmp_path / "dgae.safetensors")
+    assert "only sdvae models" in refused(tmp_path / "dgae.safetensors", "--to", "diffusers", "-o", tmp_path / "d")
+    assert "already a dgaetok model file" in refused(tmp_path / "dgae.safetensors", "-o", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(InputError, match="not a checkpoint"):
+        import_checkpoint(folder / "config.json")
+
+
+def test_a_converted_file_works_with_every_command(reference, tmp_path, shared_data):
+    """convert, info, stats, encode --normalize, decode, bench rfid, and export again."""
+    theirs, folder = reference
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    vae = tmp_path / "vae.safetensors"
+    assert "from the diffusers layout" in " ".join(run("convert", folder, "-o", vae).stderr.split())
+    assert "sdvae" in run("info", vae).stdout
+    data = shared_data / "eval" / "imagenet-val500"
+    run("stats", data, "--model", vae, "-o", tmp_path / "vae-stats.safetensors", "--limit", 6, "--device", "cpu")
+    model = ["--model", tmp_path / "vae-stats.safetensors", "--device", "cpu"]
+    run("encode", data, "-o", tmp_path / "z", "--limit", 2, "--normalize", *model)
+    run("decode", tmp_path / "z", "-o", tmp_path / "x", *model)
+    assert len(list((tmp_path / "x").glob("*.png"))) == 2
+    run("bench", "rfid", data, "--limit", 2, "--resolution", 32, "-o", tmp_path / "bench", *model)
+    assert json.loads((tmp_path / "bench" / "rfid.json").read_text())["latent_shape"] == [4, 8, 8]
+    run("convert", tmp_path / "vae-stats.safetensors", "--to", "diffusers", "-o", tmp_path / "again")
+    again = diffusers.AutoencoderKL.from_pretrained(tmp_path / "again").eval()
+    assert_same_as_diffusers(load_model(vae), again)
+    assert again.config.scaling_factor == pytest.approx(load_model(tmp_path / "vae-stats.safetensors").scaling_factor)

@@ -1,0 +1,75 @@
+"""The bundled default (weights/default.safetensors) on real photos it has never seen: guards for its artefacts.
+
+A model trained on small crops learns GroupNorm statistics of small crops; used on whole 256x256 images its
+colours drift (the CPU stand-in trained on 64 px crops turned green foliage magenta: a mean colour offset of
+5.7/255 at 64 px, 8.4 at 128 px and 11.6 at 256 px) and it draws a dark-blue band along the bottom rows (issue
+14). These tests measure both at the size the model is used at. The stand-in is known to fail them and is marked
+so by its hash; any other default must pass. (The decoder code itself treats all four borders alike:
+tests/test_models.py checks it, so a band comes from trained weights.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
+from dgaetok.models import file_sha256, load_model, resolve_model
+
+# sha256[:16] of the CPU stand-in (dgae-s f8c4 on 64 px crops), replaced by the first GPU-trained default
+STAND_IN = "080b328acbbecba4"
+MAX_COLOUR_OFFSET = 4.0  # /255, mean over photos and channels of |mean(reconstruction) - mean(original)|
+
+
+def colour_offset(model, photos: list, size: int, steps: int = 8) -> float:
+    """Mean absolute per-channel colour offset (in /255) of reconstructions at ``size`` px, 8 Euler steps."""
+    x = torch.stack([to_tensor(center_crop(open_image(p), size, 1)[0]) for p in photos])
+    z = model.encode(x).latent_dist.mode()
+    recon = model.decode(z, steps=steps, generator=torch.Generator().manual_seed(0))
+    means = lambda images: to_uint8(images).float().mean(dim=(1, 2))  # noqa: E731  (N, 3)
+    return (means(recon) - means(x)).abs().mean().item()
+
+
+@pytest.fixture(scope="module")
+def unseen(shared_data) -> list:
+    return sorted((shared_data / "eval" / "imagenet-val500").glob("*.JPEG"))[::60][:8]
+
+
+def test_colour_offset_helper_sees_a_tint(unseen):
+    """The measure itself: a reconstruction tinted by +10 levels in red reads as 10/3 over three channels."""
+
+    class Tinted:
+        def encode(self, x):
+            return type("E", (), {"latent_dist": type("D", (), {"mode": lambda s: x})()})()
+
+        def decode(self, z, steps, generator):
+            return (z + torch.tensor([20 / 255, 0, 0]).view(1, 3, 1, 1)).clamp(-1, 1)
+
+    assert colour_offset(Tinted(), unseen[:2], 64) == pytest.approx(10 / 3, abs=0.3)
+
+
+def test_default_keeps_its_colours_at_the_size_it_is_used_at(unseen):
+    path = resolve_model()
+    offset = colour_offset(load_model(path), unseen, 256)
+    if offset > MAX_COLOUR_OFFSET and file_sha256(path) == STAND_IN:
+        pytest.xfail(f"the CPU stand-in default drifts in colour at 256 px ({offset:.1f}/255; trained on 64 px "
+                     "crops); the GPU-trained default replaces it")
+    assert offset <= MAX_COLOUR_OFFSET, f"mean colour offset {offset:.1f}/255 at 256 px"
+
+
+def test_default_reconstructs_border_rows_like_interior_ones(shared_data):
+    """On the tench at 256 px the stand-in's bottom 3 rows are 2.4x as far from the photo as its interior (row 255
+    averages RGB (28, 38, 99) against (75, 82, 78)); the other borders are within 1.2x. Each border strip must be
+    within 1.5x of the interior."""
+    path = resolve_model()
+    model = load_model(path)
+    photo = shared_data / "eval" / "imagenet-val500" / "n01440764_tench.JPEG"
+    x = to_tensor(center_crop(open_image(photo), 256, 8)[0])[None]
+    with torch.no_grad():
+        recon = model.decode(model.encode(x).latent_dist.mode(), steps=8, generator=torch.Generator().manual_seed(0))
+    err = (to_uint8(x).float() - to_uint8(recon).float()).abs()[0]  # (H, W, 3)
+    interior = err[8:-8, 8:-8].mean().item()
+    strips = {"top": err[:3], "bottom": err[-3:], "left": err[:, :3], "right": err[:, -3:]}
+    ratios = {name: round(strip.mean().item() / interior, 2) for name, strip in strips.items()}
+    if max(ratios.values()) >= 1.5 and file_sha256(path) == STAND_IN:
+        pytest.xfail(f"the CPU stand-in default draws a band along its bottom rows at 256 px ({ratios})")
+    assert max(ratios.values()) < 1.5, ratios

@@ -1,0 +1,72 @@
+"""The default model's GPU session, rehearsed on the CPU: a lent GPU must never be lost to a bug in the script.
+
+The same entry point as the device call (`scripts/gpu_default.py`, after `scripts/make_gpu_pack.py`), with its
+tiny `--rehearse` recipe on the CPU for a dozen steps; then `scripts/gpu_default_collect.py` on what it left in
+OUT, into a scratch weights folder: join, score, decide, card.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgaetok.models import file_sha256, join_model_files, load_model
+
+from conftest import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data):
+    pack, out, work, weights = tmp_path / "pack", tmp_path / "out", tmp_path / "work", tmp_path / "weights"
+    made = run("scripts/make_gpu_pack.py", "--data", str(shared_data / "train"), "--limit", "6", "--out", str(pack),
+               "--no-wheels")
+    assert "6 photos" in made.stdout and len(list((pack / "train").rglob("*.jpg"))) == 6
+    assert (pack / "lpips-alex.safetensors").is_file()
+
+    run("scripts/gpu_default.py", "--rehearse", "--pack", str(pack), "--out", str(out), "--work", str(work),
+        "--steps", "12", "--minutes", "10", "--export-every", "0")
+    session = json.loads((out / "session.json").read_text())
+    assert session["status"] == "done" and session["step"] == 12 and session["device"] == "cpu"
+    assert session["matmul_peak_tflops"] > 0 and session["train_gflop_per_img"] > 0
+    assert 0 < session["mfu"] < 1 and session["img_per_s"] > 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [5, 10, 12]
+    assert (out / "samples.png").is_file()
+    shards = sorted(out.glob("model.shard-*.safetensors"))
+    assert shards and all(p.stat().st_size <= 16 * 2**20 for p in shards)
+    model = load_model(join_model_files(shards, tmp_path / "joined.safetensors"))
+    assert model.config.preset == "dgae-t"
+
+    # collect: a scratch weights folder whose default is another tiny model
+    weights.mkdir()
+    shutil.copy(save_tiny_model(tmp_path, seed=5), weights / "default.safetensors")
+    (weights / "README.md").write_text("# card\n")
+    before = file_sha256(weights / "default.safetensors")
+    done = run("scripts/gpu_default_collect.py", str(out), "--gpu-minutes", "1.5", "--limit", "3", "--steps", "2",
+               "--runs", str(tmp_path / "runs"), env={"DGAETOK_WEIGHTS": str(weights)})
+    replaced = "replaced weights/default.safetensors" in done.stdout
+    assert replaced != ("kept the current default" in done.stdout)
+    assert (file_sha256(weights / "default.safetensors") != before) == replaced
+    scores = json.loads((weights / "scores.json").read_text())
+    assert len(scores) == 2 and all(0 < s["psnr"] < 60 and s["images"] == 3 for s in scores.values())
+    card = (weights / "README.md").read_text()
+    row = [line for line in card.splitlines() if line.startswith(f"| {session['started']}")]
+    assert len(row) == 1 and row[0].endswith("| yes |" if replaced else "| no |")
+    if replaced:
+        new = load_model(weights / "default.safetensors")
+        assert new.config.preset == "dgae-t" and new.encoder.conv_in.weight.dtype == torch.float32
