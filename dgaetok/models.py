@@ -371,7 +371,7 @@ def images_per_call(device: torch.device | str, batch: int) -> int:
     """How many images of a batch go through a network at once when decoding: all of them on a GPU, one on the
     CPU. oneDNN picks other kernels for other batch sizes, whose last-bit differences moved one pixel in ~1000 by
     one level between --batch-size 1 and 2; one image per call makes an image's decode independent of its batch,
-    and costs no speed on a CPU (benchmarks/RESULTS.md). Tiles follow the same rule."""
+    and on an idle CPU is a third faster than whole batches (benchmarks/RESULTS.md). Tiles follow the same rule."""
     return batch if torch.device(device).type != "cpu" else 1
 
 

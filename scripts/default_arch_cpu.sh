@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/default-arch}
 steps=${STEPS:-400}
 limit=${LIMIT:-50}
+shifts=${SHIFTS:-1.0 0.5}
 common=(../shared/data/train --resolution 256 --crop 128 --batch-size 4 --steps "$steps" --lr 2e-4
         --warmup $((steps / 10)) --lpips-net alex --ckpt-every 50 --sample-every "$steps" --sample-steps 8
         --workers 1 --log-every 10 --seed 0)
@@ -19,7 +20,7 @@ run() {  # name preset f c
   if [ ! -f "$dir/model.safetensors" ] || [ "$(python -c "import json,sys; print(json.loads(open('$dir/log.jsonl').readlines()[-1]).get('step'))" 2>/dev/null)" != "$steps" ]; then
     dgaetok train "${common[@]}" --preset "$2" -f "$3" -c "$4" --out "$dir" $(resume "$dir")
   fi
-  for shift in 1.0 0.5; do
+  for shift in $shifts; do
     [ -f "$dir/bench-$shift/rfid.json" ] || dgaetok bench rfid ../shared/data/eval/imagenet-val500 \
       --model "$dir/model.safetensors" --steps 8 --shift "$shift" --limit "$limit" -o "$dir/bench-$shift"
   done
