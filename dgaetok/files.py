@@ -49,9 +49,16 @@ def describe_failure(path: str | os.PathLike, exc: BaseException) -> str:
     if isinstance(exc, InputError):
         return str(exc)
     text = f"{display_name(path)}: {type(exc).__name__}: {first_line(exc)}"
-    if isinstance(exc, MemoryError) or any(s in str(exc) for s in ("out of memory", "can't allocate memory")):
+    if is_out_of_memory(exc):
         return f"{text} (out of memory: a smaller --batch-size or --max-pixels keeps to what the machine has)"
     return text
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) \
+        or any(s in str(exc) for s in ("out of memory", "can't allocate memory"))
 
 
 def first_line(exc: BaseException) -> str:

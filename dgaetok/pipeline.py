@@ -21,8 +21,8 @@ import torch
 from . import __version__
 from .errors import InputError, TooLarge
 from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, LATENT_FORMAT, center_crop, check_pixels, crop_meta,
-                    describe_failure, display_name, first_line, mega, open_image, padding_of, read_latent,
-                    safetensors_header, save_png, to_tensor, unpad, walk_files, write_latent)
+                    describe_failure, display_name, first_line, is_out_of_memory, mega, open_image, padding_of,
+                    read_latent, safetensors_header, save_png, to_tensor, unpad, walk_files, write_latent)
 from .models import FORMAT, DGAEConfig, Tokenizer
 from .stats import LatentStats
 from .tiling import TILED_BUDGET_FACTOR
@@ -327,20 +327,16 @@ def decode_folder(
             raise TooLarge(f"{display_name(path)}: its latent decodes to {mega(exc.pixels)} pixels, over "
                            f"{TILED_BUDGET_FACTOR} x the pixel budget of {mega(max_pixels)} per image, the most it "
                            f"decodes even in tiles; raise it with --max-pixels", exc.pixels, exc.budget) from None
-        h, w = latent.shape[1] * f, latent.shape[2] * f
-        why = "" if tile or not max_pixels or h * w <= max_pixels else \
-            f"{w}x{h} is over the pixel budget of {mega(max_pixels)} per image decoded whole"
-        return latent, padding_of(meta, (h, w), path), why
+        return latent, padding_of(meta, (latent.shape[1] * f, latent.shape[2] * f), path)
 
     def compute(batch: list[Entry]) -> list[tuple[torch.Tensor, str]]:
         z = torch.stack([value[0] for _, _, value in batch]).to(device)
         noise = seeded_noise(seed, z.shape[2] * f, z.shape[3] * f, len(batch))
-        why = batch[0][2][2]  # an image over the budget is alone in its batch (`_batches`)
-        images, note = decode_batch(model, z, noise, steps, sampler, shift, tile, overlap, on_step, why)
+        images, note = decode_batch(model, z, noise, steps, sampler, shift, tile, overlap, on_step, max_pixels)
         return [(image, note) for image in images]
 
     def write(entry: Entry, out: tuple[torch.Tensor, str]) -> str:
-        src, dst, (_, padding, _) = entry
+        src, dst, (_, padding) = entry
         image, note = out
         if not torch.isfinite(image).all():  # the PNG would be black: say so instead
             raise InputError(f"{display_name(src)}: the decoder produced NaN or infinite values")
@@ -371,10 +367,10 @@ def fallback_tiling(model: Tokenizer, overlap: int) -> tuple[int, int]:
 
 def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: int, sampler: str, shift: float,
                  tile: int | None = None, overlap: int = 32, on_step: Callable[[int], None] | None = None,
-                 why_tiled: str = "") -> tuple[torch.Tensor, str]:
+                 max_pixels: int | None = None) -> tuple[torch.Tensor, str]:
     """Decode a batch, whole or in ``tile``-pixel tiles; returns the images and a note for the user ("" if none).
 
-    ``why_tiled`` (e.g. over the pixel budget) decodes in `fallback_tiling`'s tiles instead of whole, and a single
+    Images over ``max_pixels`` each are decoded in `fallback_tiling`'s tiles instead of whole, and a single
     image that runs out of memory whole (CUDA, or the CPU allocator refusing) is retried the same way; a batch
     of several re-raises, so that `_run` retries its images one by one, whole. A fallback decodes exactly as
     its ``tile`` and ``overlap`` would, from the same noise, and the note says so in one line.
@@ -383,13 +379,13 @@ def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: 
     if tile:
         return model.decode(z, tile=tile, **kwargs), ""
     h, w = noise.shape[-2:]
+    why_tiled = f"{w}x{h} is over the pixel budget of {mega(max_pixels)} per image decoded whole" \
+        if max_pixels and h * w > max_pixels else ""
     if not why_tiled:
         try:
             return model.decode(z, **kwargs), ""
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-            out_of_memory = not isinstance(exc, RuntimeError) or isinstance(exc, torch.OutOfMemoryError) \
-                or "can't allocate memory" in str(exc)
-            if len(z) > 1 or not out_of_memory:
+        except (MemoryError, RuntimeError) as exc:
+            if len(z) > 1 or not is_out_of_memory(exc):
                 raise
             why_tiled = f"out of memory decoding {w}x{h} whole"
         if z.device.type == "cuda":  # outside the except block: the traceback no longer pins the failed tensors

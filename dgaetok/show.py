@@ -109,9 +109,8 @@ def show(
     check_latent(model, path, latent, meta)
     device = next(model.parameters()).device
     z = latent[None].to(device)
-    h, w = z.shape[2] * f, z.shape[3] * f
-    over = f"{w}x{h} is over the pixel budget" if h * w > DEFAULT_MAX_PIXELS else ""  # as `decode` would tile it
-    recon, _ = decode_batch(model, z, seeded_noise(seed, h, w, 1), steps, sampler, shift, why_tiled=over)
+    noise = seeded_noise(seed, z.shape[2] * f, z.shape[3] * f, 1)
+    recon, _ = decode_batch(model, z, noise, steps, sampler, shift, max_pixels=DEFAULT_MAX_PIXELS)  # as `decode`
     recon = Image.fromarray(to_uint8(unpad(recon[0], padding)).numpy())
     return side_by_side(original, picture, recon)
 

@@ -336,8 +336,9 @@ def test_decode_batch_falls_back_to_tiles_one_image_at_a_time(tiny_model_file, m
     with pytest.raises(RuntimeError, match="padded input"):
         decode_batch(model, z[:1], noise[:1], 1, "euler", 1.0)
     calls.clear()
-    _, note = decode_batch(model, z, noise, 1, "euler", 1.0, why_tiled="over budget")
-    assert calls == [(2, 64)] and note == "over budget; decoded in 64-pixel tiles (as --tile 64 --overlap 32)"
+    _, note = decode_batch(model, z, noise, 1, "euler", 1.0, max_pixels=100)
+    assert calls == [(2, 64)] and note == ("48x40 is over the pixel budget of 100 per image decoded whole; decoded in "
+                                           "64-pixel tiles (as --tile 64 --overlap 32)")
 
 
 def test_bad_tile_options(tmp_path, encoded, album, tiny_model_file):
