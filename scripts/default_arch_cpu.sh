@@ -15,12 +15,15 @@ limit=${LIMIT:-50}
 shifts=${SHIFTS:-1.0 0.5}
 common=(../shared/data/train --resolution 256 --crop 128 --batch-size 4 --lpips-net alex --ckpt-every 50
         --sample-steps 8 --workers 1 --log-every 10 --seed 0)
-resume() { [ -f "$1/checkpoint.safetensors" ] && echo --resume || true; }
-run() {  # name preset f c
-  local dir="$out/$1"
-  if [ ! -f "$dir/model.safetensors" ] || [ "$(python -c "import json,sys; print(json.loads(open('$dir/log.jsonl').readlines()[-1]).get('step'))" 2>/dev/null)" != "$steps" ]; then
-    dgaetok train "${common[@]}" --steps "$steps" --lr 2e-4 --warmup $((steps / 10)) --sample-every "$steps" \
-      --preset "$2" -f "$3" -c "$4" --out "$dir" $(resume "$dir")
+finished() {  # dir steps: its model is exported and its log ends at that step
+  [ -f "$1/model.safetensors" ] && [ "$(python -c "import json; print(json.loads(open('$1/log.jsonl').readlines()[-1]).get('step'))" 2>/dev/null)" = "$2" ]
+}
+run() {  # name preset f c steps lr warmup [model to warm-start from]
+  local dir="$out/$1" start=()
+  if ! finished "$dir" "$5"; then
+    if [ -f "$dir/checkpoint.safetensors" ]; then start=(--resume); elif [ -n "${8:-}" ]; then start=(--warm-start "$8"); fi
+    dgaetok train "${common[@]}" --steps "$5" --lr "$6" --warmup "$7" --sample-every "$5" \
+      --preset "$2" -f "$3" -c "$4" --out "$dir" "${start[@]}"
   fi
   for shift in $shifts; do
     [ -f "$dir/bench-$shift/rfid.json" ] || dgaetok bench rfid ../shared/data/eval/imagenet-val500 \
@@ -28,23 +31,11 @@ run() {  # name preset f c
   done
 }
 mkdir -p "$out"
-run s2-f16c8 dgae-s2 16 8
-run s-f16c8 dgae-s 16 8
-run s2-f8c4 dgae-s2 8 4
+run s2-f16c8 dgae-s2 16 8 "$steps" 2e-4 $((steps / 10))
+run s-f16c8 dgae-s 16 8 "$steps" 2e-4 $((steps / 10))
+run s2-f8c4 dgae-s2 8 4 "$steps" 2e-4 $((steps / 10))
 more=${MORE:-0}
 if [ "$more" -gt 0 ]; then
-  for spec in "s2-f16c8 16 8" "s2-f8c4 8 4"; do
-    set -- $spec
-    dir="$out/$1-more"
-    if [ ! -f "$dir/model.safetensors" ] || [ "$(python -c "import json,sys; print(json.loads(open('$dir/log.jsonl').readlines()[-1]).get('step'))" 2>/dev/null)" != "$more" ]; then
-      start=(--warm-start "$out/$1/model.safetensors")
-      [ -f "$dir/checkpoint.safetensors" ] && start=(--resume)
-      dgaetok train "${common[@]}" --steps "$more" --lr 1e-4 --warmup $((more / 20)) --sample-every "$more" \
-        --preset dgae-s2 -f "$2" -c "$3" --out "$dir" "${start[@]}"
-    fi
-    for shift in $shifts; do
-      [ -f "$dir/bench-$shift/rfid.json" ] || dgaetok bench rfid ../shared/data/eval/imagenet-val500 \
-        --model "$dir/model.safetensors" --steps 8 --shift "$shift" --limit "$limit" -o "$dir/bench-$shift"
-    done
-  done
+  run s2-f16c8-more dgae-s2 16 8 "$more" 1e-4 $((more / 20)) "$out/s2-f16c8/model.safetensors"
+  run s2-f8c4-more dgae-s2 8 4 "$more" 1e-4 $((more / 20)) "$out/s2-f8c4/model.safetensors"
 fi
