@@ -46,8 +46,8 @@ import torch
 
 from dgaetok.flops import count_flops, matmul_peak, seconds_per_call, training_flops_per_image
 from dgaetok.memory import largest_batch
-from dgaetok.models import (COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, autocast, build_model, load_model,
-                            synchronize)
+from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, build_model, load_model
+from dgaetok.precision import autocast, resolve
 
 KINDS = ("unet", "train", "train-ckpt", "encode", "decode", "peer")
 DEFAULT_ROWS = ["unet", "train", "train-ckpt", "encode", "decode", "peer"]
@@ -107,6 +107,7 @@ class Bench:
 
     def __init__(self, config: DGAEConfig, args, device: torch.device, peak: float, emit: Callable[[dict], None]):
         self.config, self.args, self.device, self.peak, self.emit = config, args, device, peak, emit
+        self.precision = resolve(args.precision, device)
         torch.manual_seed(0)
         res, f, c = config.resolution, config.downsample, config.latent_channels
         n = max(args.batch, args.unet_batch)
@@ -122,7 +123,7 @@ class Bench:
                               for k in (1, 2)]
             cond = self.model.condition(self.z[one])
             self.unet_flops = count_flops(lambda: self.model.decoder(self.x[one], self.t[one], cond))
-        self.model = self.laid_out(self.model)
+        self.model = self.laid_out(self.model).set_precision(self.precision)
         self.compiled: dict[str, Tokenizer] = {}
 
     def laid_out(self, model: Tokenizer) -> Tokenizer:
@@ -135,7 +136,7 @@ class Bench:
         if mode not in self.compiled:
             twin = build_model(self.config).to(self.device).eval()
             twin.load_state_dict(self.model.state_dict())
-            self.compiled[mode] = self.laid_out(twin).compile_networks(mode)
+            self.compiled[mode] = self.laid_out(twin).set_precision(self.precision).compile_networks(mode)
         return self.compiled[mode]
 
     def record(self, what: str, mode: str | None, batch: int, flops_per_image: float, seconds: float,
@@ -143,7 +144,7 @@ class Bench:
         img_s = batch / seconds
         c = self.config
         return {"kind": "row", "preset": c.preset, "latent": f"f{c.downsample}c{c.latent_channels}", "what": what,
-                "compile": mode, "steps": steps, "batch": batch, "seconds_per_call": seconds, "img_per_s": img_s,
+                "precision": self.precision.name, "compile": mode, "steps": steps, "batch": batch, "seconds_per_call": seconds, "img_per_s": img_s,
                 "gflop_per_img": flops_per_image / 1e9, "tflop_per_s": img_s * flops_per_image / 1e12,
                 "mfu": img_s * flops_per_image / self.peak, "peak_mem_gib": peak_gib, **extra}
 
@@ -174,7 +175,8 @@ class Bench:
                 getattr(self, kind.replace("-", "_"))(mode)
         except Exception as exc:  # noqa: BLE001 - a failed row (out of time, memory, a missing package) is a line
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.emit({"kind": "row", "preset": self.config.preset, "what": kind, "compile": mode,
+            self.emit({"kind": "row", "preset": self.config.preset, "what": kind, "precision": self.precision.name,
+                       "compile": mode,
                        "error": f"{type(exc).__name__}: {message}"[:300]})
             if mode:
                 torch._dynamo.reset()
@@ -186,12 +188,12 @@ class Bench:
     @torch.no_grad()
     def unet(self, mode: str | None) -> None:
         model = self.inference_model(mode)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             cond = model.condition(self.z)
 
         def step(b: int):
             torch.compiler.cudagraph_mark_step_begin()  # each call a new replay under reduce-overhead
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 model.decoder(self.x[:b], self.t[:b], cond[:b])
 
         batch, seconds, peak = self.fitted(lambda b: seconds_per_call(lambda: step(b), self.device,
@@ -230,7 +232,7 @@ class Bench:
                                       downsample=c.downsample, latent_channels=c.latent_channels))
         peer = peer.to(self.device).eval()
         flops = count_flops(lambda: peer.decode(self.z[:1]))
-        peer = self.laid_out(peer)
+        peer = self.laid_out(peer).set_precision(self.precision)
         if mode:
             peer.compile_networks(mode)
         batch, seconds, peak = self.fitted(
@@ -247,7 +249,7 @@ class Bench:
         torch.manual_seed(0)
         # as `train.train` lays it out: channels_last weights and inputs
         model = build_model(self.config).to(device, memory_format=torch.channels_last).train()
-        model.set_grad_checkpointing(checkpointing)
+        model.set_grad_checkpointing(checkpointing).set_precision(self.precision)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = make_optimizer(model, cfg)
         loss_fn = DGAELoss(perceptual_net(cfg.lpips_net, False), cfg.velocity_weight, cfg.kl_weight,
@@ -261,7 +263,7 @@ class Bench:
 
         def step(b: int) -> None:
             opt.zero_grad(set_to_none=True)
-            accumulate(model, (x[:b],), lambda j, x: loss_fn(model, x, generator), device)
+            accumulate(model, (x[:b],), lambda j, x: loss_fn(model, x, generator), device, self.precision)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             update_ema(ema, model, cfg.ema_decay)
@@ -340,6 +342,7 @@ def main() -> None:
                         "train rows here")
     parser.add_argument("--profile-calls", type=int, default=3, help="calls profiled per row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", help="auto, bf16 or fp32 (`dgaetok.precision`)")
     parser.add_argument("--out", default="runs/throughput/throughput.jsonl", help="JSON lines, appended")
     args = parser.parse_args()
     args.started = time.perf_counter()
@@ -361,7 +364,8 @@ def main() -> None:
 
         name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                 f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-        peak, peak_dtype = matmul_peak(device, min(args.min_time, 1.0))
+        precision = resolve(args.precision, device)
+        peak, peak_dtype = matmul_peak(device, min(args.min_time, 1.0), precision.bf16)
         if args.model:  # its architecture; timing does not depend on the weights' values
             configs = [load_model(args.model).config]
         else:
@@ -369,7 +373,7 @@ def main() -> None:
                                  latent_channels=args.latent_channels) for p in args.preset or ["dgae-b"]]
         header = {"kind": "header", "device": name, "torch": torch.__version__, "argv": sys.argv[1:],
                   "matmul_peak_tflop_per_s": peak / 1e12, "matmul_dtype": peak_dtype,
-                  "compute": "bf16 autocast" if device.type == "cuda" else "float32",
+                  "compute": precision.note(),
                   "resolution": configs[0].resolution, "memory_format": args.memory_format}
         emit(header)
         for config in configs:

@@ -135,15 +135,34 @@ def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, 
         raise typer.Exit(1)
 
 
-def load(model: Optional[str], device: torch.device, compile: Optional[str] = None):
+def pick_precision(precision: str, device: torch.device):
+    """The `Precision` of ``--precision`` on ``device`` (`say_precision` tells the user)."""
+    from .precision import resolve
+
+    try:
+        return resolve(precision, device)
+    except ValueError as exc:
+        raise InputError(f"--precision {precision}: {exc}") from None
+
+
+def say_precision(chosen) -> None:
+    console.print(f"note: {chosen.note()}", highlight=False)
+
+
+def load(model: Optional[str], device: torch.device, compile: Optional[str] = None, precision: str = "auto"):
+    """The model for a command; once it loaded, one `note:` line says which precision it computes in and why."""
     from .models import load_model
 
-    return load_model(model, device, compile)
+    m = load_model(model, device, compile, pick_precision(precision, device))
+    say_precision(m.precision)
+    return m
 
 
 COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA graphs) or max-autotune. "
                 "Compiling takes a minute or more; it pays on long jobs.")
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda when present)."
+PRECISION_HELP = ("auto, bf16 or fp32: what the networks compute in. auto takes bf16 on GPUs and on CPUs with native "
+                  "bf16 matrix units (AMX, AVX512-BF16, Arm BF16), fp32 elsewhere. Latents are always float32.")
 MAX_PIXELS_HELP = (f"Pixel budget per image: larger model inputs or outputs fail alone, before any memory is spent "
                    f"on them (default {DEFAULT_MAX_PIXELS:,}, about 17 GB to decode with dgae-s on a CPU).")
 
@@ -178,6 +197,7 @@ def encode(
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-encode files whose latent already exists."),
     seed: int = typer.Option(0, help="Seed for --sample."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     workers: int = typer.Option(4, min=0, help="Threads decoding image files."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N images (sorted by path)."),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
@@ -194,7 +214,7 @@ def encode(
 
     dev = pick_device(device)
     job = encode_job(src, output, limit)
-    m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
+    m = load(model, dev, compile, precision)  # before the output folder exists, so a bad --model leaves nothing behind
     if normalize:
         m.require_stats()
     if tile:
@@ -217,6 +237,7 @@ def decode(
     batch_size: int = typer.Option(16, min=1),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-decode latents whose PNG already exists."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, min=1, help=MAX_PIXELS_HELP + " Without --tile, a "
                                    "larger latent is decoded in tiles of the model's resolution (up to "
@@ -234,7 +255,7 @@ def decode(
         raise InputError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
     dev = pick_device(device)
     job = decode_job(src, output)
-    m = load(model, dev, compile)  # before the output folder exists, so a bad --model leaves nothing behind
+    m = load(model, dev, compile, precision)  # before the output folder exists, so a bad --model leaves nothing behind
     note_single_step(m)
     if tile:
         check_tiling(tile, overlap, m.size_multiple)
@@ -346,7 +367,8 @@ def train(
                                                "(pinned memory, kept alive between epochs; 0: decode in the loop)."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
     data_on_device: bool = typer.Option(False, "--data-on-device", help="Decode the images once and keep them on "
                                         "the device as uint8 (small datasets: no decoding or copies per step; the "
@@ -378,7 +400,7 @@ def train(
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
         workers=workers, seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device,
         minutes=minutes, warm_start=str(warm_start) if warm_start else None, init_encoder=init_encoder,
-        freeze_encoder=freeze_encoder, stats_images=stats_images,
+        freeze_encoder=freeze_encoder, stats_images=stats_images, precision=precision,
     )
     try:
         run_training(cfg)
@@ -407,7 +429,9 @@ def convert(
     from .convert import convert as run_convert, export_diffusers
 
     if to == "diffusers":
-        model = load(str(src), torch.device("cpu"))
+        from .models import load_model
+
+        model = load_model(src, "cpu", precision="fp32")  # only its weights are read: no note, no network runs
         path = export_diffusers(model, output)
         console.print(f"wrote {escape(str(path))} (config.json, diffusion_pytorch_model.safetensors)", highlight=False)
         if model.latent_stats is None:
@@ -435,7 +459,8 @@ def stats(
                                 "statistics (may be --model itself)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only N images, spread evenly over DATA."),
     batch_size: int = typer.Option(16, min=1),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ):
     """Per-channel mean and std of the posterior means over DATA, written into a copy of the model file."""
     from .files import IMAGE_SUFFIXES, find_files
@@ -444,7 +469,7 @@ def stats(
 
     src = resolve_model(model)
     check_output_file(output)
-    m = load(model, pick_device(device))
+    m = load(model, pick_device(device), precision=precision)
     skipped = []
     total = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))
     columns = (TextColumn("stats"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -477,7 +502,8 @@ def show(
     sampler: str = typer.Option("euler", help="euler or heun."),
     shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the reconstruction."),
     seed: int = typer.Option(0, help="Noise seed of the reconstruction (the same image as `decode --seed`)."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ):
     """Draw a latent's first three principal components as RGB at its image's size (the paper's Fig. 8)."""
     from .files import atomic_path
@@ -490,7 +516,7 @@ def show(
         raise InputError(f"{file}: no such file")
     if not output.parent.is_dir():
         raise InputError(f"{output.parent}: no such folder")
-    m = load(model, pick_device(device)) if image is not None else None
+    m = load(model, pick_device(device), precision=precision) if image is not None else None
     picture = draw(file, image, m, steps, sampler, shift, seed)
     try:
         with atomic_path(output) as tmp:
@@ -544,7 +570,8 @@ def bench_rfid(
     lpips_net: str = typer.Option("alex", help="LPIPS trunk for the metric: alex (usual) or vgg."),
     resolution: int = typer.Option(256),
     output: Path = typer.Option(Path("bench"), "-o", "--output", help="Folder for rfid.json and the grid PNG."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
     """rFID, PSNR, SSIM and LPIPS of reconstructions, at each --steps, with images/s."""
@@ -553,7 +580,7 @@ def bench_rfid(
     from .models import resolve_model
 
     dev = pick_device(device)
-    m = load(model, dev, compile)
+    m = load(model, dev, compile, precision)
     note_single_step(m)
     prepare_output_dir(output)
     n_images = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))  # for the bar; unreadable ones drop
@@ -599,17 +626,20 @@ def bench_gen(
     limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),
     seed: int = typer.Option(0),
     output: Path = typer.Option(Path("bench-gen"), "-o", "--output", help="Folder for curve.csv, gen.json, curve.png."),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ):
     """Train a DiT on each tokenizer's latents; gFID, sFID, precision and recall along training."""
     from .files import prepare_output_dir
     from .gen import GenConfig, bench_gen as run
 
     dev = pick_device(device)
+    say_precision(pick_precision(precision, dev))
     prepare_output_dir(output)
     config = GenConfig(str(data), list(tokenizer), str(output), dit, steps, minutes, eval_every, num_samples,
                        batch_size, lr, ema_decay, sample_steps, cfg, decode_steps, not unconditional, limit, seed,
-                       str(dev), [None if d == "-" else d for d in latents], decode_shift=decode_shift)
+                       str(dev), [None if d == "-" else d for d in latents], decode_shift=decode_shift,
+                       precision=precision)
     result = run(config, log=lambda line: console.print(escape(line), highlight=False))
     table = Table("tokenizer", "latent", "DiT", "step", "train min", "gFID", "sFID", "precision", "recall",
                   title=f"{result.images} images from {escape(str(data))}, {num_samples} samples, device {dev}")

@@ -46,9 +46,9 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, min_time: f
     return (time.perf_counter() - start) / calls
 
 
-def matmul_peak(device: torch.device, min_time: float = 1.0) -> tuple[float, str]:
-    """(best measured FLOP/s of a square matmul, its dtype) in the library's compute dtype on ``device``."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device: torch.device, min_time: float = 1.0, bf16: bool = True) -> tuple[float, str]:
+    """(best measured FLOP/s of a square matmul, its dtype) in the compute dtype: bf16, or float32 (``bf16`` False)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
     best = 0.0
     for n in ((4096, 8192, 16384) if device.type == "cuda" else (1024, 2048)):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

@@ -42,7 +42,8 @@ from .errors import InputError
 from .bench import batch_ranges, eval_images
 from .files import atomic_path, find_files, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
-from .models import Tokenizer, autocast, load_model, resolve_model
+from .models import Tokenizer, load_model, resolve_model
+from .precision import autocast
 from .pipeline import load_latent
 from .plots import plot_curve
 from .stats import LatentStats
@@ -78,6 +79,7 @@ class GenConfig:
     limit: int | None = None  # only the first N images of DATA
     seed: int = 0
     device: str = "cpu"
+    precision: str = "auto"  # what the DiT and the tokenizer compute in (`dgaetok.precision`)
     latents: list[str | None] = field(default_factory=list)  # per tokenizer: a `dgaetok encode` folder, or None
     decode_shift: float = 1.0  # time-grid shift of the tokenizer's decoding (`flow.time_grid`; ignored by SD-VAE)
     defer_to: str | None = None  # a folder: write each evaluation's samples there, unscored (`score_deferred`)
@@ -283,7 +285,7 @@ def sample_latents(ema: DiT, cfg: GenConfig, n_classes: int, mean: torch.Tensor,
     zs = []
     for a, b in batch_ranges(cfg.num_samples, cfg.batch_size):
         y = labels[a:b].to(device) if labels is not None else None
-        with autocast(device):
+        with autocast(device, cfg.precision):
             z = ema.sample(noise[a:b].to(device), y, cfg.sample_steps, cfg.cfg).float()
         z = z * std.to(device).view(shape) + mean.to(device).view(shape)
         zs.append(z.to(SAMPLE_DTYPE).cpu())
@@ -416,7 +418,7 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     loaded = {}  # resolution -> eval_images(...): tokenizers of one resolution share the decoded crops
     latent_dirs = list(cfg.latents) + [None] * (len(cfg.tokenizers) - len(cfg.latents))
     for name, model_name, latent_dir in zip(names, cfg.tokenizers, latent_dirs):
-        tokenizer = load_model(model_name, device)
+        tokenizer = load_model(model_name, device, precision=cfg.precision)
         res = tokenizer.config.resolution
         files, images, skipped, key = reference_images(cfg, res, loaded)
         result.skipped += [m for m in skipped if m not in result.skipped]  # unreadable files: reported
@@ -499,7 +501,7 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
             if classes:  # label dropout for classifier-free guidance, from the step's generator too
                 labels = y[idx].to(device)
                 drop = (torch.rand(len(x), generator=gen) < dit.config.class_dropout).to(device)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 v = dit(flow.interpolate(x, noise, t), t, labels, drop)
             loss = (v.float() - target).square().mean()
             opt.zero_grad(set_to_none=True)
@@ -568,7 +570,7 @@ def score_deferred(cfg: GenConfig, files: list[str | Path], log: Callable[[str],
             log(f"{name}: step {step} already scored")
             continue
         if name not in tokenizers:
-            tokenizers[name] = load_model(models[name], device)
+            tokenizers[name] = load_model(models[name], device, precision=cfg.precision)
         tokenizer = tokenizers[name]
         if tokenizer.file_hash != metas[path]["model_hash"]:
             raise InputError(f"{path}: drawn on the latents of model {metas[path]['model_hash']}, but "

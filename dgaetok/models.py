@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from . import flow
 from .errors import InputError
 from .files import atomic_path, write_safetensors
+from .precision import Precision, autocast, resolve
 from .stats import LatentStats
 from .tiling import TileGrid, check_tiling
 from .unet import UNet
@@ -104,7 +105,9 @@ class Tokenizer(nn.Module):
 
     Subclasses add a ``decoder`` and ``decode(z, steps, sampler, shift, noise, generator, on_step, tile, overlap,
     chunk)``. ``latent_stats`` (a `LatentStats`, or None) are the latent statistics the model file carries;
-    `normalize`, `denormalize` and `scaling_factor` use them.
+    `normalize`, `denormalize` and `scaling_factor` use them. ``precision`` ("auto", "bf16" or "fp32", see
+    `dgaetok.precision`) is what `encode` and `decode` compute in: float32 for a freshly built model, "auto" for
+    one from `load_model`; `set_precision` changes it. Weights, latents and images stay float32 either way.
     """
 
     single_step = False  # True: decode ignores the diffusion arguments (steps, sampler, shift, noise)
@@ -116,6 +119,12 @@ class Tokenizer(nn.Module):
         self.encoder = Encoder(*self.vae_args())
         self.file_hash = ""  # set by load_model: latents record which model file made them
         self.latent_stats: LatentStats | None = None
+        self.precision: str | Precision = "fp32"
+
+    def set_precision(self, precision: str | Precision) -> "Tokenizer":
+        resolve(precision, "cpu")  # refuse unknown names here, not at the first encode
+        self.precision = precision
+        return self
 
     def require_stats(self) -> LatentStats:
         if self.latent_stats is None:
@@ -148,16 +157,19 @@ class Tokenizer(nn.Module):
         return self.config.downsample * self.latent_multiple
 
     def encode(self, x: torch.Tensor, tile: int | None = None, overlap: int = 32, chunk: int = 8) -> EncoderOutput:
-        """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32; the encoder runs in bf16 on CUDA).
+        """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32, whatever `precision` the encoder runs in).
 
         ``tile`` (pixels, a multiple of f) encodes overlapping tiles, ``chunk`` at a time, and blends their
         moments over ``overlap`` pixels (see `dgaetok.tiling`): memory follows the tile, not the image. The
         latent then differs from the whole image's where the encoder's GroupNorm statistics and mid-block
         attention, computed per tile, differ from the whole image's, and near tile edges.
         """
-        with autocast(x.device):
+        with autocast(x.device, self.precision):
             if tile is None:
-                moments = self.encoder(x)
+                # inference goes `images_per_call` at a time, so that on the CPU a latent does not depend on its
+                # batch (nor on how a resumed job batches); training keeps whole batches
+                calls = [(0, len(x))] if torch.is_grad_enabled() else _calls(x)
+                moments = torch.cat([self.encoder(x[a:b]).float() for a, b in calls])
             else:
                 f = self.config.downsample
                 check_tiling(tile, overlap, f)
@@ -302,7 +314,7 @@ class DGAE(Tokenizer):
             noise = torch.randn(shape, generator=generator, device=gen_device)
         noise = noise.to(z.device, torch.float32)
         out = []
-        with autocast(z.device):
+        with autocast(z.device, self.precision):
             for a, b in _calls(z):
                 if tile is None:
                     cond = self.condition(z[a:b].float())
@@ -353,7 +365,7 @@ class SDVAE(Tokenizer):
         """
         f = self.config.downsample
         out = []
-        with autocast(z.device):
+        with autocast(z.device, self.precision):
             for a, b in _calls(z):
                 za = z[a:b].float()
                 if tile is None:
@@ -382,13 +394,6 @@ def _calls(z: torch.Tensor) -> list[tuple[int, int]]:
 
 def _images_done(on_step: Callable[[int], None] | None, n: int) -> Callable[[int], None]:
     return (lambda step: on_step(n)) if on_step is not None else (lambda step: None)
-
-
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA, a no-op elsewhere: one code path for both, CPU stays in float32."""
-    cuda = torch.device(device).type == "cuda"
-    # a disabled CPU autocast for every other device: torch.autocast refuses device types like "meta" outright
-    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -657,9 +662,10 @@ def build_model(config: DGAEConfig) -> Tokenizer:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-               compile: str | None = None) -> Tokenizer:
+               compile: str | None = None, precision: str | Precision = "auto") -> Tokenizer:
     """Load a model file (or a name in ``weights/``) in float32 and eval mode, for inference; ``compile``: a
-    `COMPILE_MODES` mode for `Tokenizer.compile_networks` (None: eager).
+    `COMPILE_MODES` mode for `Tokenizer.compile_networks` (None: eager); ``precision``: what encode and decode
+    compute in (`dgaetok.precision`: "auto" is bf16 autocast where the device multiplies bf16 natively).
 
     Weights are channels_last: convolutions then run in NHWC, which oneDNN and cuDNN prefer (1.3x faster
     decoding on CPU, see benchmarks/RESULTS.md); outputs are the same up to float rounding.
@@ -675,4 +681,5 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: torch.devi
     model.file_hash = file_sha256(path)
     model.latent_stats = read_stats(meta, config, path)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    model.set_precision(precision)
     return model.compile_networks(compile) if compile else model

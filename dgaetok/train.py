@@ -41,8 +41,9 @@ from .data import DeviceImages, DrawSampler, ImageFolder
 from .errors import InputError
 from .files import atomic_path, save_grid
 from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
-from .models import (ARCHS, MODELS, Tokenizer, autocast, build_model, load_encoder, read_model_file, save_model,
+from .models import (ARCHS, MODELS, Tokenizer, build_model, load_encoder, read_model_file, save_model,
                      synchronize)
+from .precision import Precision, autocast, resolve
 from .stats import measure_folder
 
 
@@ -97,6 +98,7 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
     compile: str | None = None  # a models.COMPILE_MODES mode: torch.compile the encoder and decoder (None: eager)
+    precision: str = "auto"  # what the networks compute in (`dgaetok.precision`); weights, optimizer and EMA: fp32
     data_on_device: bool = False  # decode the images once and keep them on the device (`data.DeviceImages`)
     minutes: float | None = None  # wall-time budget: stop then, and end the cosine schedule there (`Budget`)
     warm_start: str | None = None  # a model file of the same config to start from (fresh optimizer and schedule)
@@ -145,6 +147,7 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+@torch.no_grad()  # the lerp must not record autograd history: the EMA would grow a graph step by step
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_p, model_p = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
@@ -271,7 +274,7 @@ def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int, path: Path, se
 
 def accumulate(net: torch.nn.Module, micro_batches: tuple[torch.Tensor, ...],
                loss_of: Callable[[int, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-               device: torch.device) -> dict[str, torch.Tensor]:
+               device: torch.device, precision: str | Precision = "fp32") -> dict[str, torch.Tensor]:
     """Forward and backward ``loss_of(j, micro_batches[j])`` for each micro-batch, the loss divided by their
     number: the losses are means over images and the micro-batches are equal in size, so the gradients add up to
     those of the mean over the process's batch. Under DDP the gradients are all-reduced once, with the last
@@ -280,7 +283,7 @@ def accumulate(net: torch.nn.Module, micro_batches: tuple[torch.Tensor, ...],
     for j, x in enumerate(micro_batches):
         sync = net.no_sync() if j < n - 1 and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
         with sync:
-            with autocast(device):
+            with autocast(device, precision):
                 loss, micro_logs = loss_of(j, x)
             (loss / n).backward()
         for k, v in micro_logs.items():
@@ -389,6 +392,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if cfg.freeze_encoder and not cfg.init_encoder:
         raise InputError("freezing the encoder needs an encoder to start from (--init-encoder)")
     rank, world, device = distributed_setup(cfg.device)
+    try:
+        precision = resolve(cfg.precision, device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     shards = world * cfg.accum
     if cfg.accum < 1 or cfg.batch_size % shards:
         raise InputError(f"batch size {cfg.batch_size} does not split into {world} process(es) x {cfg.accum} "
@@ -405,6 +412,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             load_encoder(model, cfg.init_encoder)
     # channels_last: cuDNN's and oneDNN's fast convolutions are NHWC; inputs are converted as they arrive
     model = model.to(device, memory_format=torch.channels_last).set_grad_checkpointing(cfg.grad_checkpoint)
+    model.set_precision(precision)  # the EMA copy below inherits it: the sample grids decode as the model trains
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
         model.compile_networks(cfg.compile)
@@ -448,6 +456,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     budget = Budget(cfg.minutes, step) if cfg.minutes is not None else None
     generator = torch.Generator(device)
     if is_main:
+        print(f"note: {precision.note()}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         if step:
             resume_log(out / "log.jsonl", step)
@@ -476,7 +485,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                 return loss, logs
 
             opt.zero_grad(set_to_none=True)
-            logs = accumulate(net, micro_x, shard_loss, device)
+            logs = accumulate(net, micro_x, shard_loss, device, precision)
             if step < cfg.freeze_encoder:  # no gradient: AdamW then leaves those weights alone, decay included
                 for p in model.encoder.parameters():
                     p.grad = None
@@ -491,7 +500,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                     return loss_fn.discriminator_loss(disc_net, x)
 
                 opts["disc_optimizer"].zero_grad(set_to_none=True)
-                logs |= accumulate(disc_net, micro_x, disc_loss, device)
+                logs |= accumulate(disc_net, micro_x, disc_loss, device, precision)
                 finite.clip(disc.parameters(), math.inf, "discriminator", step)
                 opts["disc_optimizer"].step()
             step += 1
@@ -501,7 +510,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                 sums[k], counts[k] = (sums[k] + v, counts[k] + 1) if k in sums else (v, 1)
 
             if budget is not None:  # rank 0 decides, so that every process stops at the same step
-                if (planned := budget.plan(step, device)) is not None:
+                # a flat schedule (min_lr == lr) does not depend on the step count: nothing to plan, and a speed
+                # measured while the machine was busy cannot cut the run short
+                planned = budget.plan(step, device) if cfg.min_lr < cfg.lr else None
+                if planned is not None:
                     planned = agree(planned, world, device)
                     if planned < cfg.steps:
                         cfg = dataclasses.replace(cfg, steps=max(step + 1, planned))

@@ -1,19 +1,45 @@
 #!/usr/bin/env bash
-# Trains the bundled CPU stand-in default (dgae-s, f8 c4) on ../shared/data/train and exports it to weights/.
-# Resumable: re-run the same command after an interruption. ~1 h on 2 CPU cores for 4000 steps at batch 8.
+# Trains the bundled default (dgae-s, f8 c4) on a CPU, a little at a time, in bf16 where the CPU has bf16 units.
+#
+#   MINUTES=120 bash scripts/train_default_cpu.sh [DATA]
+#
+# Each invocation trains for MINUTES of wall time (ending with a checkpoint), then stops; the next one resumes the
+# same run exactly. The run folders, with their optimizer state, live outside the repository in $RUNS (default
+# ~/.cache/dgaetok/runs/default). Without them (a new machine) the run warm-starts from weights/default.safetensors
+# and says so. Two phases, so that GroupNorm sees at the end the image size it decodes at:
+#   crop128  STEPS128 steps on random 128 px crops of the 256 px images (4x cheaper per image than 256 px)
+#   full256  then whole 256 px images, warm-started from crop128's EMA weights
+# The learning rate is constant after its warm-up (min_lr = lr), so a run that is cut into many invocations of any
+# length trains the same way. Then `bash scripts/default_candidate.sh` scores the newest weights against the
+# bundled ones. The recipe and why: weights/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-runs/default-s-f8c4}
-resume=$([ -f "$out/checkpoint.safetensors" ] && echo --resume || true)
-dgaetok train ../shared/data/train --out "$out" --preset dgae-s -f 8 -c 4 --crop 64 --batch-size 8 \
-  --steps 4000 --lr 2e-4 --warmup 200 --lpips-weight 0 --ckpt-every 250 --sample-every 1000 --sample-steps 10 \
-  --workers 2 --log-every 25 $resume
-python - "$out/model.safetensors" weights/default.safetensors <<'PY'
-import sys, torch
-from safetensors import safe_open
-from dgaetok.models import load_model, save_model
-with safe_open(sys.argv[1], "pt") as fh:
-    step = fh.metadata()["step"]
-save_model(load_model(sys.argv[1]), sys.argv[2], dtype=torch.float16, source="scripts/train_default_cpu.sh",
-           step=step, data="../shared/data/train (1765 photos)", weights="EMA 0.999")
-PY
+data=${1:-${DATA:-../shared/data/train}}
+runs=${RUNS:-$HOME/.cache/dgaetok/runs/default}
+minutes=${MINUTES:-60}
+steps128=${STEPS128:-20000}
+steps256=${STEPS256:-1000000}
+nice=${NICE:-10}
+common=(--preset dgae-s -f 8 -c 4 --resolution 256 --batch-size 8 --lr 1e-4 --min-lr 1e-4 --warmup 100
+        --lpips-net alex --lpips-weight 1.0 --kl-weight 1e-6 --ema-decay 0.999 --precision auto
+        --ckpt-every 100 --sample-every 1000 --sample-steps 8 --log-every 25 --workers 1 --stats-images 64)
+last_step() { python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1]).get('step', 0))" "$1/log.jsonl" 2>/dev/null || echo 0; }
+
+train() {  # dir crop steps init
+  local dir=$1 start=()
+  if [ -f "$dir/checkpoint.safetensors" ]; then
+    start=(--resume)
+  else
+    echo "note: $dir starts from $4 (warm start: its weights, a fresh optimizer)" >&2
+    start=(--warm-start "$4")
+  fi
+  mkdir -p "$(dirname "$dir")"
+  nice -n "$nice" dgaetok train "$data" --out "$dir" --crop "$2" --steps "$3" --minutes "$minutes" "${common[@]}" \
+    "${start[@]}"
+}
+
+if [ "$(last_step "$runs/crop128")" -lt "$steps128" ]; then
+  train "$runs/crop128" 128 "$steps128" weights/default.safetensors
+else
+  train "$runs/full256" 256 "$steps256" "$runs/crop128/model.safetensors"
+fi

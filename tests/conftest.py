@@ -7,9 +7,35 @@ from pathlib import Path
 import pytest
 import torch
 
+import dgaetok.precision
 from dgaetok.models import DGAE, DGAE_T, save_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                     help="What precision 'auto' picks on the CPU during the tests: bf16 or fp32 runs the suite as on "
+                          "a CPU with or without native bf16 units (default: what this CPU has).")
+
+
+@pytest.fixture(autouse=True)
+def cpu_precision(request, monkeypatch):
+    """`pytest --precision fp32|bf16`: every model that runs at "auto" on the CPU computes in that precision."""
+    choice = request.config.getoption("--precision")
+    if choice != "auto":
+        monkeypatch.setattr(dgaetok.precision, "cpu_bf16_units", lambda: "pytest --precision bf16"
+                            if choice == "bf16" else None)
+
+
+def conv_output_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    """The dtypes the model's convolutions produce from now on (a live set): under bf16 autocast they compute in bf16,
+    so a float32 here means bf16 was silently not used."""
+    seen: set[torch.dtype] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    return seen
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,6 +15,8 @@ from dgaetok.cli import app
 from dgaetok.convert import convert, export_state_dict, import_checkpoint
 from dgaetok.errors import InputError
 from dgaetok.models import DGAE, DGAE_T, SDVAE, SDVAE_T, load_model, save_model
+
+from conftest import conv_output_dtypes
 from dgaetok.stats import LatentStats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +52,9 @@ def images(size: int = 32, n: int = 2) -> torch.Tensor:
 
 @torch.no_grad()
 def assert_same_as_diffusers(ours, theirs, size: int = 32) -> None:
-    """Posterior means, and decodes of them, within 1e-5 of diffusers'."""
+    """Posterior means, and decodes of them, within 1e-5 of diffusers' (in float32: the mapping is what is checked
+    here; bf16 has its own test)."""
+    ours.set_precision("fp32")
     x = images(size)
     mean = theirs.encode(x).latent_dist.mean
     torch.testing.assert_close(ours.encode(x).latent_dist.mean, mean, atol=TOL, rtol=0)
@@ -224,3 +228,20 @@ def test_a_converted_file_works_with_every_command(reference, tmp_path, shared_d
     again = diffusers.AutoencoderKL.from_pretrained(tmp_path / "again").eval()
     assert_same_as_diffusers(load_model(vae), again)
     assert again.config.scaling_factor == pytest.approx(load_model(tmp_path / "vae-stats.safetensors").scaling_factor)
+
+
+@torch.no_grad()
+def test_a_converted_vae_runs_in_bf16_close_to_diffusers(reference, tmp_path):
+    theirs, folder = reference
+    convert(folder, tmp_path / "vae.safetensors")
+    ours = load_model(tmp_path / "vae.safetensors", precision="bf16")
+    dtypes = conv_output_dtypes(ours)
+    x = images()
+    mean = theirs.encode(x).latent_dist.mean
+    ours_mean = ours.encode(x).latent_dist.mean
+    assert ours_mean.dtype == torch.float32  # latents stay float32 whatever the networks compute in
+    decoded = ours.decode(mean)
+    assert dtypes == {torch.bfloat16}  # the convolutions did run in bf16: not a silent float32 pass
+    # bf16 keeps 8 bits of mantissa: within a few percent of the float32 reference, and nowhere near it exactly
+    assert 0 < (ours_mean - mean).abs().max() < 0.1
+    assert 0 < (decoded - theirs.decode(mean).sample.clamp(-1, 1)).abs().max() < 0.1

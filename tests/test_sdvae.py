@@ -181,7 +181,9 @@ def test_discriminator_trains_only_from_disc_start(tmp_path, train_photos):
 @pytest.mark.slow
 def test_overfitting_a_few_photos_lowers_the_loss(tmp_path, train_photos):
     out = tmp_path / "run"
-    cfg = sdvae_config(train_photos, out, steps=40, lr=2e-3, warmup=5, disc_start=30)
+    # float32: in bf16 the same 40 steps reach 0.72x, not 0.7x (the precision benchmark compares the two)
+    cfg = dataclasses.replace(sdvae_config(train_photos, out, steps=40, lr=2e-3, warmup=5, disc_start=30),
+                              precision="fp32")
     train(cfg)
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 41))

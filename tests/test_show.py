@@ -120,7 +120,7 @@ def test_show_errors_are_one_line(tmp_path, encoded_photo, tiny_model_file, shar
     ]:
         result = cli("show", *args)
         assert result.exit_code == 2, result.output
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note: precision")]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "x.png").exists()
     bare = tmp_path / "bare.safetensors"
