@@ -378,6 +378,20 @@ def test_budget_plans_the_steps_that_fit(monkeypatch):
     assert budget.plan(25, torch.device("cpu")) is None  # decided once
 
 
+def test_a_flat_schedule_is_not_replanned_from_the_first_steps(tmp_path, train_photos, monkeypatch):
+    """min_lr == lr: the step count changes nothing in the schedule, so a budget never cuts it from the first
+    steps' speed (measured on a busy machine, that once ended a 2-hour run after 103 steps); it runs until spent."""
+    from dgaetok import train as train_module
+
+    monkeypatch.setattr(train_module.Budget, "plan", lambda self, step, device: 30)  # "30 steps fit"
+    out = tmp_path / "run"
+    train(tiny_config(train_photos, out, steps=40, minutes=10.0, lr=1e-3, min_lr=1e-3, log_every=10))
+    assert [r.get("step") for r in read_log(out)] == [10, 20, 30, 40]
+    train(tiny_config(train_photos, tmp_path / "cosine", steps=40, minutes=10.0, log_every=10))
+    log = read_log(tmp_path / "cosine")
+    assert log[0] == {"step": 1, "event": "budget", "steps": 30} and log[-1]["step"] == 30
+
+
 def test_a_spent_budget_ends_the_run_with_a_checkpoint(tmp_path, train_photos):
     out = tmp_path / "run"
     train(tiny_config(train_photos, out, steps=100, minutes=0.0, log_every=2))
