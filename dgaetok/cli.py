@@ -268,7 +268,8 @@ def encode_to_shards(src: Path, output: Path, model: Optional[str], shard_size: 
     if rank == 0:
         info = read_dataset(output)
         console.print(f"wrote {escape(printable(str(output)))}: {info['images']} images in {len(info['shards'])} "
-                      f"shards, {len(info['failed'])} failed (listed in dataset.json)", highlight=False)
+                      f"shards, {len(info['failed'])} failed (listed in dataset.json)", highlight=False,
+                      soft_wrap=True)
         if info["failed"]:
             raise typer.Exit(1)
 
@@ -650,7 +651,8 @@ def bench_gen(
     data: Path = typer.Argument(..., help="Training images; first-level folders are class labels (ImageFolder)."),
     tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Model file or name; repeat to compare."),
     latents: list[str] = typer.Option([], "--latents", help="Latents of the n-th --tokenizer from `dgaetok encode` "
-                                      "(default: encode DATA); '-' encodes that one on the fly."),
+                                      "(a folder of latent files, or of --shards; default: encode DATA); '-' "
+                                      "encodes that one on the fly."),
     dit: str = typer.Option("DiT-B/2", help="DiT-{S,B,L,XL}/{1,2} (DiT-T/* is a tiny test size)."),
     steps: int = typer.Option(10_000, min=1, help="Training steps per tokenizer (a larger value extends a run)."),
     minutes: Optional[float] = typer.Option(None, min=0.0, help="Also stop after this much training time."),

@@ -356,6 +356,7 @@ def encode_shards(
     if rank == 0:
         yield from (Item(source.root, dst, "failed", message) for message in source.errors)
         write_dataset(dst, dataset_info(model, source, plan, dst, settings))
+        _remove_shards_after(dst, len(plan))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # dataset.json is there for every process to read
 
@@ -376,6 +377,18 @@ def _check_existing_shards(dst: Path, plan: ShardPlan, settings: dict) -> None:
                                 if made.get(key) != settings[key])
             raise InputError(f"{display_name(path)}: made with other settings ({changed}); use another output "
                              f"folder, or --overwrite to encode everything again")
+
+
+def _remove_shards_after(dst: Path, n: int) -> None:
+    """Remove the shards numbered n and up that an earlier run over more images left: the dataset is now n."""
+    for path in dst.glob("shard-*.safetensors"):
+        k = path.name[len("shard-"):-len(".safetensors")]
+        if k.isdigit() and int(k) >= n and path.name == shard_name(int(k)):
+            try:
+                read_shard_info(path)
+            except InputError:
+                continue  # not ours
+            path.unlink(missing_ok=True)
 
 
 def _finished(path: Path, settings: dict, inputs: range, digest: str) -> bool:
