@@ -354,7 +354,7 @@ def encode_shards(
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every shard is written
     if rank == 0:
-        yield from (Item(source.root, dst, "failed", message) for message in source.errors)
+        yield from (Item(Path(name), dst, "failed", message) for name, message in source.errors)
         write_dataset(dst, dataset_info(model, source, plan, dst, settings))
         _remove_shards_after(dst, len(plan))
     if torch.distributed.is_initialized():
@@ -405,7 +405,7 @@ def _finished(path: Path, settings: dict, inputs: range, digest: str) -> bool:
 def dataset_info(model: Tokenizer, source: ImageSource, plan: ShardPlan, dst: Path, settings: dict) -> dict:
     """What ``dataset.json`` holds, from the shards' headers: their counts, failures and latent sums, added in
     shard order."""
-    shards, failed, moments = [], [{"file": display_name(source.root), "error": m} for m in source.errors], Moments()
+    shards, failed, moments = [], [{"file": name, "error": m} for name, m in source.errors], Moments()
     for k in range(len(plan)):
         path = dst / shard_name(k)
         info = read_shard_info(path)

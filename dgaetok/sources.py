@@ -40,12 +40,12 @@ _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext:
 
 class ImageSource:
     """Images numbered 0 .. len - 1, each with a printable ``name(i)`` and a ``label(i)``; ``classes`` names the
-    labels (empty when they are bare numbers or absent), ``errors`` are one-line messages about inputs that could
-    not even be listed."""
+    labels (empty when they are bare numbers or absent), ``errors`` are (input, one-line message) for inputs that
+    could not even be listed."""
 
     root: Path
     classes: list[str]
-    errors: list[str]
+    errors: list[tuple[str, str]]
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -119,10 +119,11 @@ class TarSource(ImageSource):
     def _list(self, path: str) -> list[tuple[str, int, int, int, str]]:
         """(name, data offset, size, label, problem) of each sample of the archive, in archive order."""
         samples: dict[str, dict] = {}
-        where = display_name(path)
+        where, last = display_name(path), None
         try:
             with tarfile.open(path, "r:*") as tf:
                 for member in tf:
+                    last = member
                     match = _KEY.match(member.name)
                     if match is None:
                         continue
@@ -136,8 +137,14 @@ class TarSource(ImageSource):
                         sample["image"] = member
         except (tarfile.TarError, OSError, EOFError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-            listed = f"after {len(samples)} samples" if samples else "before any sample"
-            self.errors.append(f"{where}: unreadable archive, stopped {listed} ({why})")
+            if last is None and isinstance(exc, tarfile.ReadError):  # tarfile says "could not be opened successfully"
+                why = "not a tar archive"
+            cut_image = last is not None and last.isreg() and os.path.getsize(path) < last.offset_data + last.size \
+                and any(sample.get("image") is last for sample in samples.values())
+            if not cut_image:
+                listed = f"after {len(samples)} samples" if samples else "before any sample"
+                self.errors.append((where, f"{where}: unreadable archive, stopped {listed} ({why})"))
+            # else the archive ends inside its last image, and that image fails alone when it is read
         out = []
         for key, sample in samples.items():
             member = sample.get("image")
@@ -203,8 +210,8 @@ def open_source(src: str | Path, limit: int | None = None) -> ImageSource:
     """The images of ``src``: a folder of ``.tar`` archives (or one archive) is a `TarSource`, anything else a
     `FolderSource`; only the first ``limit`` images. InputError when there is nothing to encode."""
     src = Path(src)
-    errors: list[str] = []
-    found = walk_files(src, IMAGE_SUFFIXES | {".tar"}, errors)
+    unreadable: list[str] = []
+    found = walk_files(src, IMAGE_SUFFIXES | {".tar"}, unreadable)
     archives = [f for f in found if f.lower().endswith(".tar")]
     images = [f for f in found if not f.lower().endswith(".tar")]
     if archives and images:
@@ -214,7 +221,7 @@ def open_source(src: str | Path, limit: int | None = None) -> ImageSource:
         source: ImageSource = TarSource(src, archives, limit)
     else:
         source = FolderSource(src, images[:limit])
-    source.errors = errors + source.errors
+    source.errors = [(display_name(src), message) for message in unreadable] + source.errors
     if not len(source) and not source.errors:
         raise InputError(f"{display_name(src)}: no {' / '.join(sorted(IMAGE_SUFFIXES | {'.tar'}))} files found")
     return source
