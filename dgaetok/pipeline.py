@@ -347,8 +347,12 @@ def encode_shards(
         for key in ("latents", "latents_flip") if flip else ("latents",):
             z = torch.stack(kept[key]) if kept[key] else torch.empty(0, c, h, w)
             tensors[key] = z.to(DTYPES[dtype])
-        dst.mkdir(parents=True, exist_ok=True)
-        write_shard(path, tensors, ShardInfo(settings, [inputs.start, inputs.stop], digest, moments.state(), failed))
+        try:
+            dst.mkdir(parents=True, exist_ok=True)
+            write_shard(path, tensors, ShardInfo(settings, [inputs.start, inputs.stop], digest, moments.state(),
+                                                 failed))
+        except OSError as exc:  # a full disk fails the run: the shards written so far are kept for a rerun
+            raise InputError(f"{display_name(path)}: cannot write ({exc.strerror or exc})") from None
         yield from items
 
     if torch.distributed.is_initialized():

@@ -258,3 +258,26 @@ def test_cli_shard_options(tmp_path, classes, tiny_model_file):
     result = runner.invoke(app, ["encode", str(classes), "-o", str(tmp_path / "five"), "--model",
                                  str(tiny_model_file), "--shards", "4", "--limit", "5"])
     assert result.exit_code == 0 and "5 images in 2 shards, 0 failed" in result.stderr, result.stderr
+
+
+def test_the_documented_training_loop_runs_as_written(tmp_path, classes, tiny_model_file):
+    """docs/latent-datasets.md's DiT loop and sampling, with its settings line and model file swapped for tiny
+    ones."""
+    import re
+
+    text = (REPO / "docs" / "latent-datasets.md").read_text()
+    train, sample = re.findall(r"```python\n(.*?)```", text, re.S)
+    settings = 'DATA, DIT, EPOCHS, BATCH, WORKERS = "/data/imagenet-latents", "DiT-B/2", 80, 256, 8'
+    assert settings in train and '"weights/default.safetensors"' in sample
+    for path in classes.glob("*.jpg"):  # images outside class folders have no class (label -1)
+        path.unlink()
+    encode(classes, tmp_path / "latents", tiny_model_file, 3, True)
+    script = train.replace(settings, 'DATA, DIT, EPOCHS, BATCH, WORKERS = "latents", "DiT-T/2", 2, 4, 1') + \
+        sample.replace('"weights/default.safetensors"', repr(str(tiny_model_file))).replace("steps=50", "steps=2") + \
+        "assert images.shape == (8, 3, 64, 64) and torch.isfinite(images).all()\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "dit.pt").is_file()
