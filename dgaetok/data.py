@@ -1,4 +1,5 @@
-"""Training data: an image folder with random crops and flips whose randomness is a pure function of the draw.
+"""Training data: an image folder with random crops and flips whose randomness is a pure function of the draw, and
+`LatentDataset`, the latents of a `dgaetok encode --shards` folder for training a diffusion model on them.
 
 Every draw k (the k-th image a shard of the run takes, counting across epochs) decides its own file and
 augmentation, so a run resumed at step s sees exactly the images and crops the uninterrupted run would have seen.
