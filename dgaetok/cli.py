@@ -249,8 +249,9 @@ def encode_to_shards(src: Path, output: Path, model: Optional[str], shard_size: 
     m = load(model, dev, compile)
     if tile:
         check_tiling(tile, overlap, m.config.downsample)
-    prepare_output_dir(output)
-
+    prepare_output_dir(output)  # removes the temporary files of dead processes, so no process may write yet:
+    if torch.distributed.is_initialized():  # on another machine a live writer's pid looks dead
+        torch.distributed.barrier()
     plan = ShardPlan(len(source), shard_size)
     share = range(sum(len(plan.inputs(k)) for k in plan.assigned(rank, world)) +  # what run_job counts
                   (len(source.errors) if rank == 0 else 0))

@@ -9,8 +9,9 @@ Both number their images in a fixed order (the position recorded as a shard's ``
   members sharing a key (WebDataset's: the member name up to the first dot of its base name): ``key.jpg``,
   ``key.jpeg``, ``key.png`` or ``key.webp`` holds the image, ``key.cls`` the label as decimal text (-1 without).
 
-Archives are read with the standard library's `tarfile`, never unpacked: listing one reads its headers in a
-single pass (seeking over the data of a plain archive), and an image is read as its member's bytes. A member
+Archives (uncompressed, as WebDataset writes them) are read with the standard library's `tarfile`, never
+unpacked: listing one reads its headers in a single pass, seeking over the data, and an image is read as its
+member's bytes at their offset. A member
 that cannot be used (a path leaving the archive, a link, an unreadable label, bytes cut off by a truncated
 archive, an image over the pixel budget) fails alone when its image is loaded, with a one-line message; an
 archive whose listing breaks keeps the samples listed before the break and reports the break once.
@@ -121,7 +122,7 @@ class TarSource(ImageSource):
         samples: dict[str, dict] = {}
         where, last = display_name(path), None
         try:
-            with tarfile.open(path, "r:*") as tf:
+            with tarfile.open(path, "r:") as tf:  # uncompressed: images are read at their offsets in the file
                 for member in tf:
                     last = member
                     match = _KEY.match(member.name)
@@ -138,7 +139,7 @@ class TarSource(ImageSource):
         except (tarfile.TarError, OSError, EOFError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
             if last is None and isinstance(exc, tarfile.ReadError):  # tarfile says "could not be opened successfully"
-                why = "not a tar archive"
+                why = "not an uncompressed tar archive"
             cut_image = last is not None and last.isreg() and os.path.getsize(path) < last.offset_data + last.size \
                 and any(sample.get("image") is last for sample in samples.values())
             if not cut_image:

@@ -317,6 +317,9 @@ def tar_corpus(root: Path, shared_data: Path) -> tuple[list[str], dict[str, str]
     archive("c.tar", [("002.png", png(5), None), ("cut.png", png(6), "truncated archive")], cut_last=True)
     (root / "d.tar").write_bytes(np.random.default_rng(0).bytes(5000))
     bad["d.tar"] = "unreadable archive, stopped before any sample"
+    import gzip
+    (root / "e.tar").write_bytes(gzip.compress((root / "a.tar").read_bytes()))  # images are read at file offsets
+    bad["e.tar"] = "not an uncompressed tar archive"
     return good, bad
 
 
@@ -325,7 +328,7 @@ def test_hostile_archives_fail_a_member_not_the_run(tmp_path, shared_data, model
 
     src, out = tmp_path / "src", tmp_path / "out"
     good, bad = tar_corpus(src, shared_data)
-    samples = len(good) + len(bad) - 1  # d.tar holds none
+    samples = len(good) + len(bad) - 2  # d.tar and e.tar hold none
     proc = run_limited("encode", src, "-o", out, "--model", models[0], "--device", "cpu", "--shards", 3)
     assert proc.returncode == 1, proc.stderr
     summary = (f"wrote {out}: {len(good)} images in {-(-samples // 3)} shards, {len(bad)} failed (listed in "
