@@ -91,7 +91,8 @@ def pick_device(device: Optional[str]) -> torch.device:
     return dev
 
 
-def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, steps: int = 1) -> None:
+def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, steps: int = 1,
+            show_progress: bool = True) -> None:
     """Drive a pipeline job with a progress bar, then print a summary; exit 1 if any input failed.
 
     ``items(on_step)`` starts the job; the bar counts images x ``steps`` and moves each time ``on_step(n)``
@@ -112,7 +113,7 @@ def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, 
         progress.update(task, completed=min(total, len(results) * steps + in_flight))
 
     try:
-        with Progress(*columns, console=console, transient=True) as progress:
+        with Progress(*columns, console=console, transient=True, disable=not show_progress) as progress:
             task = progress.add_task(verb, total=total, files=f"0/{len(job)} files")
             for item in items(on_step):
                 results.append(item)
@@ -177,6 +178,11 @@ TILE_HELP = "Run the network on overlapping tiles of this many pixels (a multipl
 OVERLAP_HELP = "Pixels neighbouring tiles share; their outputs are blended across it."
 
 
+SHARDS_HELP = ("Write a latent dataset instead: N images per shard-NNNNN.safetensors (latents, labels, index), "
+               "and dataset.json (see data.LatentDataset). Resumable; run under torchrun to split the shards over "
+               "processes.")
+
+
 def note_single_step(model) -> None:
     if model.single_step:
         console.print(f"note: {model.config.arch} decodes in one step; --steps, --sampler, --shift and --seed "
@@ -207,11 +213,20 @@ def encode(
     tile: Optional[int] = typer.Option(None, min=1, help=TILE_HELP + " The latent then differs a little from "
                                        "the whole image's (GroupNorm statistics per tile)."),
     overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
+    shards: Optional[int] = typer.Option(None, "--shards", min=1, help=SHARDS_HELP),
+    flip: bool = typer.Option(False, "--flip", help="With --shards: also encode each image mirrored "
+                              "(latents_flip), for flip augmentation."),
+    dtype: str = typer.Option("float32", "--dtype", help="With --shards: float32 or bf16 (rounded from float32)."),
 ):
-    """Encode images to latents, one .safetensors file per image."""
+    """Encode images to latents, one .safetensors file per image, or with --shards into a latent dataset."""
     from .files import prepare_output_dir
     from .pipeline import encode_folder, encode_job
 
+    if shards is not None:
+        return encode_to_shards(src, output, model, shards, flip, dtype, batch_size, device, workers, limit,
+                                compile, max_pixels, overwrite, tile, overlap, sample, keep_size, normalize)
+    if flip or dtype != "float32" or launched_by_torchrun():
+        raise InputError("--flip, --dtype and running under torchrun need --shards")
     dev = pick_device(device)
     job = encode_job(src, output, limit)
     m = load(model, dev, compile, precision)  # before the output folder exists, so a bad --model leaves nothing behind
@@ -222,6 +237,62 @@ def encode(
     prepare_output_dir(output)
     run_job(job, lambda on_step: encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers,
                                                max_pixels, normalize, tile, overlap), "encode")
+
+
+def launched_by_torchrun() -> bool:
+    import os
+
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def encode_to_shards(src: Path, output: Path, model: Optional[str], shard_size: int, flip: bool, dtype: str,
+                     batch_size: int, device: Optional[str], workers: int, limit: Optional[int],
+                     compile: Optional[str], max_pixels: int, overwrite: bool, tile: Optional[int], overlap: int,
+                     sample: bool, keep_size: bool, normalize: bool) -> None:
+    """`encode --shards`: this process's shards (all of them, or its share under torchrun), then a summary of
+    dataset.json from process 0. Exits 1 when any image of the dataset failed."""
+    from .files import prepare_output_dir
+    from .pipeline import encode_shards
+    from .shards import DTYPES, ShardPlan, read_dataset
+    from .sources import open_source
+    from .train import distributed_setup
+
+    for given, option in ((sample, "--sample"), (keep_size, "--keep-size"), (normalize, "--normalize")):
+        if given:
+            raise InputError(f"{option} does not go with --shards (shards hold posterior means of center crops; "
+                             f"LatentDataset normalises them)")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    pick_device(device)  # a bad --device is one line, before any process group is joined
+    source = open_source(src, limit)
+    rank, world, dev = distributed_setup(device)
+    m = load(model, dev, compile)
+    if tile:
+        check_tiling(tile, overlap, m.config.downsample)
+    prepare_output_dir(output)  # removes the temporary files of dead processes, so no process may write yet:
+    if torch.distributed.is_initialized():  # on another machine a live writer's pid looks dead
+        torch.distributed.barrier()
+    plan = ShardPlan(len(source), shard_size)
+    share = range(sum(len(plan.inputs(k)) for k in plan.assigned(rank, world)) +  # what run_job counts
+                  (len(source.errors) if rank == 0 else 0))
+    verb = "encode" if world == 1 else f"encode (rank {rank}/{world})"
+    try:
+        run_job(share, lambda on_step: encode_shards(m, source, output, shard_size, flip, dtype, batch_size,
+                                                       workers, max_pixels, overwrite, tile, overlap, rank, world,
+                                                       on_step), verb, show_progress=rank == 0)
+    except typer.Exit as exc:
+        if exc.exit_code != 1 or rank != 0:
+            raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        info = read_dataset(output)
+        console.print(f"wrote {escape(printable(str(output)))}: {info['images']} images in {len(info['shards'])} "
+                      f"shards, {len(info['failed'])} failed (listed in dataset.json)", highlight=False,
+                      soft_wrap=True)
+        if info["failed"]:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -608,7 +679,8 @@ def bench_gen(
     data: Path = typer.Argument(..., help="Training images; first-level folders are class labels (ImageFolder)."),
     tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Model file or name; repeat to compare."),
     latents: list[str] = typer.Option([], "--latents", help="Latents of the n-th --tokenizer from `dgaetok encode` "
-                                      "(default: encode DATA); '-' encodes that one on the fly."),
+                                      "(a folder of latent files, or of --shards; default: encode DATA); '-' "
+                                      "encodes that one on the fly."),
     dit: str = typer.Option("DiT-B/2", help="DiT-{S,B,L,XL}/{1,2} (DiT-T/* is a tiny test size)."),
     steps: int = typer.Option(10_000, min=1, help="Training steps per tokenizer (a larger value extends a run)."),
     minutes: Optional[float] = typer.Option(None, min=0.0, help="Also stop after this much training time."),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -200,9 +201,11 @@ def mega(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = None, shorter_side: int | None = None
-               ) -> Image.Image:
+def open_image(path: str | os.PathLike, max_pixels: int | None = None, shorter_side: int | None = None,
+               data: bytes | None = None) -> Image.Image:
     """Decode an image fully (so truncation shows here, not later), upright (EXIF rotation) and in RGB.
+
+    ``data``: the file's bytes, read elsewhere (a member of an archive); ``path`` then only names it in messages.
 
     The pixel budget is checked from the header, before anything is decoded: ``max_pixels`` bounds the image
     itself, or with ``shorter_side`` the size it takes once `resize_shorter_side` brings its shorter side there
@@ -212,9 +215,9 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None, shorter_s
     """
     name = display_name(path)
     try:
-        if os.stat(path).st_size == 0:
+        if (len(data) if data is not None else os.stat(path).st_size) == 0:
             raise InputError(f"{name}: empty file")
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             if shorter_side is None:
                 check_pixels(path, img.size, max_pixels, "the image is")
             else:

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__, flow
+from .data import LatentDataset
 from .dit import DiT, DiT_models
 from .errors import InputError
 from .bench import batch_ranges, eval_images
@@ -46,6 +47,7 @@ from .models import Tokenizer, load_model, resolve_model
 from .precision import autocast
 from .pipeline import load_latent
 from .plots import plot_curve
+from .shards import is_dataset
 from .stats import LatentStats
 from .train import ema_decay_at, load_prefixed, update_ema
 
@@ -166,6 +168,26 @@ def read_latent_folder(tokenizer: Tokenizer, root: str | Path, limit: int | None
     if not latents:
         raise InputError(f"{root}: no usable dgaetok latents found" + (f" ({skipped[0]})" if skipped else ""))
     return files, latents, skipped
+
+
+def shard_latents(tokenizer: Tokenizer, root: str | Path, limit: int | None, conditional: bool
+                  ) -> tuple[torch.Tensor, list[int], list[str], str]:
+    """(latents, labels, classes, key) of the first ``limit`` latents of a `dgaetok encode --shards` folder, as
+    encoded (not normalised). Labels are the shards' (an archive's bare class numbers are named by number); the
+    DiT is unconditional when not ``conditional``, with fewer than two classes, or when some image has none."""
+    data = LatentDataset(root, normalize=False)
+    made_by = data.info["model"]["hash"]
+    if tokenizer.file_hash and made_by != tokenizer.file_hash:
+        raise InputError(f"{root}: latents were made by model {made_by}, not by the loaded model "
+                         f"{tokenizer.file_hash}")
+    n = len(data) if limit is None else min(limit, len(data))
+    if not n:
+        raise InputError(f"{root}: the dataset holds no latents")
+    z, y = data.batch(range(n))
+    classes = data.classes or [str(k) for k in range(int(y.max()) + 1)]
+    if not conditional or len(classes) < 2 or bool((y < 0).any()):
+        return z, [0] * n, [], dataset_key(root, data.files, "dgaetok encode --shards")
+    return z, y.tolist(), classes, dataset_key(root, data.files, "dgaetok encode --shards")
 
 
 def encode_images(model: Tokenizer, images: list[torch.Tensor], batch_size: int) -> torch.Tensor:
@@ -429,7 +451,11 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
                                                        cfg.batch_size)
         folder = out / name
         (folder / "samples").mkdir(parents=True, exist_ok=True)
-        if latent_dir:  # `dgaetok encode` wrote them: labels from the latent tree, which mirrors the image tree
+        if latent_dir and is_dataset(latent_dir):  # `dgaetok encode --shards` wrote them, labels included
+            log(f"{name}: latents from the shards in {latent_dir}")
+            shard_z, labels, classes, source = shard_latents(tokenizer, latent_dir, cfg.limit, cfg.conditional)
+            make = lambda: shard_z  # noqa: E731
+        elif latent_dir:  # `dgaetok encode` wrote them: labels from the latent tree, which mirrors the image tree
             log(f"{name}: latents from {latent_dir}")
             latent_files, latents, bad = read_latent_folder(tokenizer, latent_dir, cfg.limit)
             result.skipped += bad

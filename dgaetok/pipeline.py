@@ -7,6 +7,7 @@ exception type). KeyboardInterrupt and SystemExit still stop the job.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,11 +21,13 @@ import torch
 
 from . import __version__
 from .errors import InputError, TooLarge
-from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, LATENT_FORMAT, center_crop, check_pixels, crop_meta,
+from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, LATENT_FORMAT, Crop, center_crop, check_pixels, crop_meta,
                     describe_failure, display_name, first_line, is_out_of_memory, mega, open_image, padding_of,
                     read_latent, safetensors_header, save_png, to_tensor, unpad, walk_files, write_latent)
 from .models import FORMAT, DGAEConfig, Tokenizer
-from .stats import LatentStats
+from .shards import DTYPES, ShardInfo, ShardPlan, read_shard_info, shard_name, write_dataset, write_shard
+from .sources import ImageSource
+from .stats import LatentStats, Moments
 from .tiling import TILED_BUDGET_FACTOR
 
 # Latent values beyond this are no encoder's output (dgaetok's stay within a few units, SD's within ~50): a file
@@ -90,51 +93,65 @@ def _batches(
     pairs: list[tuple[str, str]], load: Callable[[Path], tuple], batch_size: int, overwrite: bool, workers: int,
     pixels: Callable[[tuple], int], max_pixels: int | None,
 ) -> Iterator[tuple[list[Item], list[Entry]]]:
-    """Group loaded inputs into batches of equal tensor shape; loading runs ahead in a thread pool.
-
-    A batch also stays within ``max_pixels`` in all (``pixels(value)`` per input), so that the budget that lets
-    one large image through does not let ``batch_size`` of them through at once.
-    """
+    """`load_batches` over the pairs whose output is not there yet (all with ``overwrite``); the others are
+    reported as skipped."""
     todo, finished = [], []
     for src, dst in pairs:
         if not overwrite and os.path.isfile(dst):  # not exists(): a folder in the way must fail, not count as done
             finished.append(Item(Path(src), Path(dst), "skipped"))
         else:
-            todo.append((src, dst))
+            todo.append((Path(src), Path(dst)))
+    for failed, batch in load_batches(todo, lambda pair: load(pair[0]), batch_size, workers, pixels, max_pixels,
+                                      lambda pair: pair[0]):
+        finished += [Item(src, dst, "failed", error) for (src, dst), error in failed]
+        if batch:
+            yield finished, [(src, dst, value) for (src, dst), value in batch]
+            finished = []
+    yield finished, []
 
-    def safe_load(pair):
-        src, dst = Path(pair[0]), Path(pair[1])
+
+def load_batches(
+    keys: Sequence, load: Callable[[object], tuple], batch_size: int, workers: int, pixels: Callable[[tuple], int],
+    max_pixels: int | None, name: Callable[[object], str | os.PathLike],
+) -> Iterator[tuple[list[tuple[object, str]], list[tuple[object, tuple]]]]:
+    """Load ``keys`` (``load(key)`` in a thread pool, reading ahead by a bounded window) and group them, in order,
+    into batches of equal tensor shape: yields (failures, batch), failures as (key, message naming ``name(key)``).
+
+    A batch also stays within ``max_pixels`` in all (``pixels(value)`` per input), so that the budget that lets
+    one large image through does not let ``batch_size`` of them through at once.
+    """
+    def safe_load(key):
         try:
-            return (src, dst), load(src), None
-        except Exception as exc:  # whatever a file causes fails that file (not KeyboardInterrupt / SystemExit)
-            return (src, dst), None, describe_failure(src, exc)
+            return key, load(key), None
+        except Exception as exc:  # whatever an input causes fails that input (not KeyboardInterrupt / SystemExit)
+            return key, None, describe_failure(name(key), exc)
 
-    batch: list[Entry] = []
+    batch, failed = [], []
     # Read ahead by a bounded window (pool.map would load every input of the job into memory at once).
-    todo_iter, pending = iter(todo), deque()
+    todo_iter, pending = iter(keys), deque()
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for pair in todo_iter:
-            pending.append(pool.submit(safe_load, pair))
+        for key in todo_iter:
+            pending.append(pool.submit(safe_load, key))
             if len(pending) >= batch_size + 2 * max(1, workers):
                 break
         try:
             while pending:
-                (src, dst), value, error = pending.popleft().result()
-                for pair in todo_iter:
-                    pending.append(pool.submit(safe_load, pair))
+                key, value, error = pending.popleft().result()
+                for more in todo_iter:
+                    pending.append(pool.submit(safe_load, more))
                     break
                 if error:
-                    finished.append(Item(src, dst, "failed", error))
+                    failed.append((key, error))
                     continue
                 fits = max(1, max_pixels // pixels(value)) if max_pixels else batch_size
-                if batch and (len(batch) >= min(batch_size, fits) or _shape(batch[0][2]) != _shape(value)):
-                    yield finished, batch
-                    finished, batch = [], []
-                batch.append((src, dst, value))
+                if batch and (len(batch) >= min(batch_size, fits) or _shape(batch[0][1]) != _shape(value)):
+                    yield failed, batch
+                    failed, batch = [], []
+                batch.append((key, value))
         finally:  # an abandoned job (Ctrl-C, an error downstream) does not wait for loads nobody will use
             for future in pending:
                 future.cancel()
-    yield finished, batch
+    yield failed, batch
 
 
 def _shape(value) -> tuple:
@@ -204,12 +221,8 @@ def encode_folder(
         return display_name(os.path.relpath(src, src_root) if root_is_dir else src.name)
 
     def load(path: Path):
-        img = open_image(path, max_pixels, None if keep_size else cfg.resolution)
-        try:
-            img, crop = center_crop(img, cfg.resolution, model.size_multiple, keep_size)
-        except ValueError as exc:
-            raise InputError(f"{display_name(path)}: {exc}") from None
-        return to_tensor(img), crop
+        return model_input(model, open_image(path, max_pixels, None if keep_size else cfg.resolution), keep_size,
+                           path)
 
     def compute(batch: list[Entry]) -> torch.Tensor:
         x = torch.stack([value[0] for _, _, value in batch]).to(device)
@@ -232,6 +245,187 @@ def encode_folder(
         yield from finished
         if batch:
             yield from _write_each(_run(batch, compute), write)
+
+
+def model_input(model: Tokenizer, img, keep_size: bool, path: str | os.PathLike) -> tuple[torch.Tensor, Crop]:
+    """The model's input from a decoded image (`files.center_crop` at the model's resolution, or the whole image
+    padded with ``keep_size``), and where it came from."""
+    try:
+        img, crop = center_crop(img, model.config.resolution, model.size_multiple, keep_size)
+    except ValueError as exc:
+        raise InputError(f"{display_name(path)}: {exc}") from None
+    return to_tensor(img), crop
+
+
+def shard_settings(model: Tokenizer, shard_size: int, flip: bool, dtype: str, max_pixels: int | None,
+                   tile: int | None, overlap: int) -> dict:
+    """What a shard's bytes depend on besides its images: a shard made with other settings is not reused."""
+    res = model.config.resolution
+    return {"model_hash": model.file_hash, "shard_size": shard_size, "flip": flip, "dtype": dtype,
+            "preprocessing": {"resize": f"shorter side to {res} px, bicubic", "crop": f"center {res}x{res}",
+                              "range": "[-1, 1]", "flip": "horizontal, as latents_flip" if flip else "none",
+                              "max_pixels": max_pixels, "tile": tile, "overlap": overlap if tile else None},
+            "latent": "posterior mean"}
+
+
+def encode_shards(
+    model: Tokenizer,
+    source: ImageSource,
+    dst: str | Path,
+    shard_size: int,
+    flip: bool = False,
+    dtype: str = "float32",
+    batch_size: int = 16,
+    workers: int = 4,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    overwrite: bool = False,
+    tile: int | None = None,
+    overlap: int = 32,
+    rank: int = 0,
+    world: int = 1,
+    on_step: Callable[[int], None] | None = None,
+) -> Iterator[Item]:
+    """Encode ``source`` into the shards of `shards.ShardPlan` that fall to process ``rank`` of ``world``, then
+    (process 0, once every process is done) write ``dataset.json``; yields an `Item` per image, and per input
+    that could not even be listed (process 0). ``on_step(n)``: n images encoded, for progress bars.
+
+    A shard already there, made with the same settings from the same images, is kept (all are redone with
+    ``overwrite``); one made with other settings is refused before any work. The images are center crops at the
+    model's resolution (as `stats.measure`), their posterior means written as ``dtype`` ("float32" or "bf16",
+    rounded from float32). The bytes of every file depend on neither ``world`` nor ``rank``, only on the inputs
+    and settings (and, on a CPU, on the number of threads: oneDNN's results do). Under torch.distributed every
+    process calls this with its own rank; the barriers are inside.
+    """
+    dst = Path(dst)
+    device = next(model.parameters()).device
+    plan = ShardPlan(len(source), shard_size)
+    settings = shard_settings(model, shard_size, flip, dtype, max_pixels, tile, overlap)
+    if not overwrite:
+        _check_existing_shards(dst, plan, settings)
+    c, h, w = model.config.latent_channels, *(model.config.resolution // model.config.downsample,) * 2
+
+    def load(i: int):
+        return model_input(model, source.open(i, max_pixels, model.config.resolution), False, source.name(i))[:1]
+
+    def compute(batch: list[tuple]) -> list[tuple[torch.Tensor, ...]]:
+        x = torch.stack([value[0] for _, _, value in batch]).to(device)
+        with torch.no_grad():
+            z = model.encode(torch.cat([x, x.flip(-1)]) if flip else x, tile=tile, overlap=overlap).latent_dist
+            z = z.mode().float().cpu()
+        if on_step is not None:
+            on_step(len(batch))
+        return list(zip(*z.chunk(2))) if flip else [(one,) for one in z]
+
+    for k in plan.assigned(rank, world):
+        path, inputs = dst / shard_name(k), plan.inputs(k)
+        digest = source.digest(inputs)
+        if not overwrite and _finished(path, settings, inputs, digest):
+            yield from (Item(Path(source.name(i)), path, "skipped") for i in inputs)
+            continue
+        kept: dict[str, list] = {"latents": [], "latents_flip": [], "index": []}
+        failed, items, moments = [], [], Moments()
+        for failures, batch in load_batches(inputs, load, batch_size, workers, lambda value: 1, None,
+                                            source.name):
+            for i, error in failures:
+                failed.append({"file": source.name(i), "error": error})
+                yield Item(Path(source.name(i)), path, "failed", error)
+            done = []
+            for (name, i, _), out, error in _run([(source.name(i), i, v) for i, v in batch], compute):
+                if error:
+                    failed.append({"file": name, "error": error})
+                    yield Item(Path(name), path, "failed", error)
+                    continue
+                kept["latents"].append(out[0])
+                kept["latents_flip"] += out[1:]
+                kept["index"].append(i)
+                done.append(out[0])
+                items.append(Item(Path(name), path, "done"))
+            if done:
+                moments.add(torch.stack(done))
+        tensors = {"index": torch.tensor(kept["index"], dtype=torch.int64),
+                   "labels": torch.tensor([source.label(i) for i in kept["index"]], dtype=torch.int64)}
+        for key in ("latents", "latents_flip") if flip else ("latents",):
+            z = torch.stack(kept[key]) if kept[key] else torch.empty(0, c, h, w)
+            tensors[key] = z.to(DTYPES[dtype])
+        try:
+            dst.mkdir(parents=True, exist_ok=True)
+            write_shard(path, tensors, ShardInfo(settings, [inputs.start, inputs.stop], digest, moments.state(),
+                                                 failed))
+        except OSError as exc:  # a full disk fails the run: the shards written so far are kept for a rerun
+            raise InputError(f"{display_name(path)}: cannot write ({exc.strerror or exc})") from None
+        yield from items
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every shard is written
+    if rank == 0:
+        yield from (Item(Path(name), dst, "failed", message) for name, message in source.errors)
+        write_dataset(dst, dataset_info(model, source, plan, dst, settings))
+        _remove_shards_after(dst, len(plan))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # dataset.json is there for every process to read
+
+
+def _check_existing_shards(dst: Path, plan: ShardPlan, settings: dict) -> None:
+    """Refuse to mix shards of other settings into a dataset. Every process checks every shard, so that all of
+    them stop on the same error instead of some waiting at a barrier for the others."""
+    for k in range(len(plan)):
+        path = dst / shard_name(k)
+        if not path.is_file():
+            continue
+        try:
+            made = read_shard_info(path).settings
+        except InputError:
+            continue  # unreadable: redone
+        if made != settings:
+            changed = ", ".join(f"{key} {made.get(key)!r} -> {settings[key]!r}" for key in settings
+                                if made.get(key) != settings[key])
+            raise InputError(f"{display_name(path)}: made with other settings ({changed}); use another output "
+                             f"folder, or --overwrite to encode everything again")
+
+
+def _remove_shards_after(dst: Path, n: int) -> None:
+    """Remove the shards numbered n and up that an earlier run over more images left: the dataset is now n."""
+    for path in dst.glob("shard-*.safetensors"):
+        k = path.name[len("shard-"):-len(".safetensors")]
+        if k.isdigit() and int(k) >= n and path.name == shard_name(int(k)):
+            try:
+                read_shard_info(path)
+            except InputError:
+                continue  # not ours
+            path.unlink(missing_ok=True)
+
+
+def _finished(path: Path, settings: dict, inputs: range, digest: str) -> bool:
+    """Whether the shard file is there, made with ``settings`` from the same images."""
+    if not path.is_file():
+        return False
+    try:
+        info = read_shard_info(path)
+    except InputError:
+        return False
+    return info.settings == settings and info.inputs == [inputs.start, inputs.stop] and info.digest == digest
+
+
+def dataset_info(model: Tokenizer, source: ImageSource, plan: ShardPlan, dst: Path, settings: dict) -> dict:
+    """What ``dataset.json`` holds, from the shards' headers: their counts, failures and latent sums, added in
+    shard order."""
+    shards, failed, moments = [], [{"file": name, "error": m} for name, m in source.errors], Moments()
+    for k in range(len(plan)):
+        path = dst / shard_name(k)
+        info = read_shard_info(path)
+        count = safetensors_header(path)["latents"]["shape"][0]
+        shards.append({"file": path.name, "images": count})
+        failed += info.failed
+        moments.merge(Moments.from_state(info.moments))
+    res = model.config.resolution
+    stats = moments.stats(f"{display_name(source.root)} ({moments.n_images} images, center crop {res})") \
+        if moments.n_images else None
+    return {"model": {"hash": model.file_hash, "config": json.loads(model.config.to_json())},
+            "dgaetok_version": __version__, "source": display_name(source.root), "classes": source.classes,
+            "settings": settings, "dtype": settings["dtype"], "flip": settings["flip"],
+            "latent_shape": [model.config.latent_channels, *(res // model.config.downsample,) * 2],
+            "images": moments.n_images, "shard_size": plan.shard_size, "shards": shards,
+            "latent_stats": None if stats is None else dataclasses.asdict(stats), "failed": failed}
 
 
 def _posterior_noise(seed: int, source: str, shape: torch.Size) -> torch.Tensor:

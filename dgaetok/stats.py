@@ -78,8 +78,12 @@ class LatentStats:
         return z * self._view(self.std, z) + self._view(self.mean, z)
 
 
-class _Moments:
-    """Running per-channel sums of latents, in float64 so that thousands of images do not lose precision."""
+class Moments:
+    """Running per-channel sums of latents, in float64 so that thousands of images do not lose precision.
+
+    `state` and `from_state` carry the sums through JSON exactly (Python writes floats that read back to the same
+    bits), and `merge` adds another's: a sharded encode keeps each shard's sums in the shard and adds them in shard
+    order, so its statistics do not depend on how many processes encoded the shards."""
 
     def __init__(self):
         self.n_images, self.count, self.sum, self.sq = 0, 0, None, None
@@ -87,9 +91,31 @@ class _Moments:
     def add(self, z: torch.Tensor) -> None:
         self.n_images += z.shape[0]
         z = z.double().transpose(0, 1).flatten(1)  # (c, B*h*w)
-        self.sum = z.sum(1) if self.sum is None else self.sum + z.sum(1)
-        self.sq = z.square().sum(1) if self.sq is None else self.sq + z.square().sum(1)
-        self.count += z.shape[1]
+        self.merge_sums(z.shape[1], z.sum(1), z.square().sum(1))
+
+    def merge_sums(self, count: int, total: torch.Tensor, sq: torch.Tensor) -> None:
+        self.sum = total if self.sum is None else self.sum + total
+        self.sq = sq if self.sq is None else self.sq + sq
+        self.count += count
+
+    def merge(self, other: "Moments") -> None:
+        if other.sum is not None:
+            self.n_images += other.n_images
+            self.merge_sums(other.count, other.sum, other.sq)
+
+    def state(self) -> dict:
+        return {"images": self.n_images, "count": self.count,
+                "sum": None if self.sum is None else self.sum.tolist(),
+                "sum_sq": None if self.sq is None else self.sq.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Moments":
+        m = cls()
+        if state.get("sum") is not None:
+            m.n_images = int(state["images"])
+            m.merge_sums(int(state["count"]), torch.tensor(state["sum"], dtype=torch.float64),
+                         torch.tensor(state["sum_sq"], dtype=torch.float64))
+        return m
 
     def stats(self, source: str) -> LatentStats:
         mean = self.sum / self.count
@@ -106,7 +132,7 @@ def measure(model, paths: Iterable[Path], batch_size: int = 16, source: str = ""
     passed to ``on_skip`` and left out."""
     device = next(model.parameters()).device
     resolution = model.config.resolution
-    moments, batch = _Moments(), []
+    moments, batch = Moments(), []
 
     def flush():
         moments.add(model.encode(torch.stack(batch).to(device)).latent_dist.mode().float())

@@ -271,6 +271,29 @@ def test_bench_gen_reads_encode_folders(tmp_path, labelled, tiny_model_file):
     assert swapped.exit_code == 2 and "other settings" in swapped.stderr
 
 
+def test_bench_gen_reads_a_shard_folder(tmp_path, labelled, tiny_model_file):
+    """A `dgaetok encode --shards` folder trains the DiT on its latents and labels; another model's is refused."""
+    from conftest import save_tiny_model
+    from dgaetok.data import LatentDataset
+
+    shards = tmp_path / "shards"
+    encoded = runner.invoke(app, ["encode", str(labelled), "-o", str(shards), "--model", str(tiny_model_file),
+                                  "--device", "cpu", "--shards", "3", "--dtype", "bf16"])
+    assert encoded.exit_code == 0, encoded.output
+    out = tmp_path / "gen"
+    result = bench(labelled, tiny_model_file, out, "--steps", "2", "--latents", shards)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "gen.json").read_text())["runs"][0]
+    assert run["classes"] == ["sun_hays80", "urban100"] and run["steps"] == 2
+    with safe_open(str(out / tiny_model_file.stem / "latents.safetensors"), framework="pt") as fh:
+        cached, labels = fh.get_tensor("latents"), fh.get_tensor("labels")
+    z, y = LatentDataset(shards, normalize=False).batch(range(8))
+    assert torch.equal(cached, z) and labels.tolist() == y.tolist() == [0] * 4 + [1] * 4
+    other = bench(labelled, save_tiny_model(tmp_path, seed=1), tmp_path / "other", "--steps", "2", "--latents",
+                  shards)
+    assert other.exit_code == 2 and "not by the loaded model" in other.stderr
+
+
 def test_bench_gen_uses_the_model_files_statistics(tmp_path, labelled, tiny_model_file):
     """With statistics in the model file, the DiT trains on them and bench gen keeps no copy of its own; a DiT
     trained on statistics computed here is refused rather than continued on other ones."""

@@ -266,3 +266,79 @@ def test_over_a_raised_budget_the_memory_limit_fails_the_file_not_the_run(tmp_pa
     assert "out of memory" in got[str(latents / "huge.safetensors")] and (tmp_path / "png" / "a-good.png").is_file()
     with Image.open(tmp_path / "png" / "big.png") as img:
         assert img.size == (512, 512) and np.asarray(img).std() > 0
+
+
+def tar_corpus(root: Path, shared_data: Path) -> tuple[list[str], dict[str, str]]:
+    """(samples that must encode, archive or sample name below ``root`` -> fragment of its error) for a folder of
+    hostile WebDataset archives: each hostile member beside good ones, so that only it may fail."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True)
+    good, bad = [], {}
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        photo(shared_data, i).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def archive(name: str, members: list[tuple[str, bytes | None, str | None]], cut_last: bool = False) -> None:
+        """members: (member name, payload (None: a symbolic link), error fragment or None when it must encode);
+        ``cut_last``: the archive ends halfway through its last member's data."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for member, payload, error in members:
+                info = tarfile.TarInfo(member)
+                if payload is None:
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                else:
+                    info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload or b""))
+                if member.endswith(".cls"):
+                    continue
+                (good.append(f"{name}:{member}") if error is None else bad.__setitem__(f"{name}:{member}", error))
+        data = buf.getvalue()
+        if cut_last:
+            last = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[-1]
+            data = data[:last.offset_data + last.size // 2]
+        (root / name).write_bytes(data)
+
+    archive("a.tar", [("000.png", png(0), None), ("000.cls", b"3\n", None),
+                      ("../escape.png", png(1), "member path leaves the archive"),
+                      ("/etc/absolute.png", png(2), "member path leaves the archive"),
+                      ("link.jpg", None, "not a regular file")])
+    thin = io.BytesIO()
+    Image.new("L", (1, 20000)).save(thin, format="PNG")  # 64 x 1.28M pixels once resized
+    archive("b.tar", [("thin.png", thin.getvalue(), "over the pixel budget"),
+                      ("bomb.png", png_header(20000, 20000), "decompression bomb"),
+                      ("label.png", png(3), "not a decimal number"), ("label.cls", b"cat", None),
+                      ("text.jpg", b"just text", "not an image file"),
+                      ("001.webp", png(4), None), ("001.cls", b"7", None)])
+    archive("c.tar", [("002.png", png(5), None), ("cut.png", png(6), "truncated archive")], cut_last=True)
+    (root / "d.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    bad["d.tar"] = "unreadable archive, stopped before any sample"
+    import gzip
+    (root / "e.tar").write_bytes(gzip.compress((root / "a.tar").read_bytes()))  # images are read at file offsets
+    bad["e.tar"] = "not an uncompressed tar archive"
+    return good, bad
+
+
+def test_hostile_archives_fail_a_member_not_the_run(tmp_path, shared_data, models):
+    from safetensors import safe_open
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    good, bad = tar_corpus(src, shared_data)
+    samples = len(good) + len(bad) - 2  # d.tar and e.tar hold none
+    proc = run_limited("encode", src, "-o", out, "--model", models[0], "--device", "cpu", "--shards", 3)
+    assert proc.returncode == 1, proc.stderr
+    summary = (f"wrote {out}: {len(good)} images in {-(-samples // 3)} shards, {len(bad)} failed (listed in "
+               f"dataset.json)")
+    assert proc.stderr.splitlines()[-1] == summary
+    assert_failures_match(failures(proc, notes=(summary,)), src, bad)
+    info = json.loads((out / "dataset.json").read_text())
+    assert sorted(f["error"].split(": ", 1)[0] for f in info["failed"]) == sorted(str(src / k) for k in bad)
+    labels = []
+    for shard in info["shards"]:
+        with safe_open(str(out / shard["file"]), framework="pt") as fh:
+            labels += fh.get_tensor("labels").tolist()
+    assert labels == [3, 7, -1] and info["images"] == len(good) == 3

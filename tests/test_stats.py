@@ -13,7 +13,7 @@ from dgaetok.errors import InputError
 from dgaetok.files import IMAGE_SUFFIXES, center_crop, find_files, open_image, read_latent, to_tensor
 from dgaetok.models import SDVAE, SDVAE_T, load_model, save_model, save_with_stats
 from dgaetok.pipeline import load_latent
-from dgaetok.stats import LatentStats, _Moments, measure_folder, spread
+from dgaetok.stats import LatentStats, Moments, measure_folder, spread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -37,7 +37,7 @@ def test_global_figures_are_those_of_the_pooled_latents():
     g = torch.Generator().manual_seed(0)
     z = torch.randn((6, 4, 5, 5), generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, -1, 1, 1) \
         + torch.tensor([0.0, -1.0, 2.0, 0.5]).view(1, -1, 1, 1)
-    moments = _Moments()
+    moments = Moments()
     moments.add(z[:2])
     moments.add(z[2:])
     stats = moments.stats("test")
