@@ -15,5 +15,5 @@ from dgaetok.models import load_model, save_model
 with safe_open(sys.argv[1], "pt") as fh:
     step = fh.metadata()["step"]
 save_model(load_model(sys.argv[1]), sys.argv[2], dtype=torch.float16, source="scripts/train_default_cpu.sh",
-           step=step, data="../shared/data/train (1765 photos)", weights="EMA 0.999")
+           step=step, data="train (the 1765 photos of the training set)", weights="EMA 0.999")
 PY

@@ -928,6 +928,6 @@ def test_the_decode_bar_moves_with_every_step(monkeypatch):
         yield Item(Path("a"), Path("a.png"), "done")
         yield Item(Path("b"), Path("b.png"), "done")
 
-    monkeypatch.setattr(cli_module, "Progress", Recorder)
+    monkeypatch.setattr(cli_module, "make_progress", Recorder)
     cli_module.run_job([None, None], items, "decode", steps=3)  # no failure: returns
     assert seen == [("total", 6), ("at", 2), ("at", 4), ("at", 6), ("at", 6), ("at", 6)]
