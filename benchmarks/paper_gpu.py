@@ -416,7 +416,7 @@ def write_table(state: State, scale: table2.Scale, args) -> None:
     rows = table2.table_rows(entries, scale)
     cards = sorted({e["card"] for e in entries.values()})
     cal = state.data["calibration"]
-    intro = (f"DGAE vs SD-VAE at f16 on lent GPU sessions ({', '.join(cards)}): {scale.minutes:g} min of training per "
+    intro = (f"DGAE vs SD-VAE at f16 on GPUs, in jobs of at most 10 minutes ({', '.join(cards)}): {scale.minutes:g} min of training per "
              f"model on the card that calibrated ({cal['dgae']['device']}), fixed as step counts for every latent "
              f"size; scored on this machine ({rows[0]['images']} evaluation images). Budget: steps x the "
              f"calibrated time per step; wall: the time the training took in its call.")
