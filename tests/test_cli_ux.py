@@ -134,7 +134,7 @@ def test_weights_fetch_names_each_file_once(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     shutil.copy(manifest, cache / "manifest.json")
-    for entry in json.loads(manifest.read_text()).values():
+    for entry in json.loads(manifest.read_text())["nets"].values():
         (cache / entry["file"]).symlink_to(real / entry["file"])
     result = cli("weights", "fetch", "--cache", cache)
     assert result.exit_code == 0, result.output
@@ -148,3 +148,29 @@ def test_rfid_caveat_below_the_feature_dimension():
     assert rfid_caveat(RFID_MIN_IMAGES) == "" and rfid_caveat(50_000) == ""
     assert "rFID over 4 images is biased upwards" in rfid_caveat(4)
     assert "rFID over 500 images" in rfid_caveat(500)
+
+
+def test_missing_evaluation_data_skips_but_fails_under_ci(tmp_path, monkeypatch):
+    from conftest import require_shared_data
+
+    def outcome() -> BaseException:  # a skip or a failure, caught whichever it is
+        with pytest.raises(BaseException) as caught:
+            require_shared_data(tmp_path / "missing")
+        return caught.value
+
+    monkeypatch.delenv("CI", raising=False)
+    skipped = outcome()
+    assert isinstance(skipped, pytest.skip.Exception) and "needs the project's evaluation data" in str(skipped)
+    monkeypatch.setenv("CI", "true")
+    failed = outcome()
+    assert isinstance(failed, pytest.fail.Exception) and "CI=true requires it" in str(failed)
+    assert require_shared_data(tmp_path) == tmp_path
+
+
+def test_tests_reach_the_evaluation_data_only_through_the_fixture():
+    """So that every test needing it skips (or, under CI, fails) the same way where it is absent."""
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        if path.name in ("conftest.py", "test_product_text.py", Path(__file__).name):  # these two name it as text
+            continue
+        text = path.read_text()
+        assert not re.search(r"""SHARED|["']shared["']|\.\./shared|/work/shared""", text), path.name
