@@ -47,8 +47,8 @@ def score(path: Path, data: Path, limit: int | None, steps: int, cache: dict) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", type=Path, help="what the device call returned (its files_at folder)")
-    parser.add_argument("--gpu-minutes", type=float, default=None, help="this session's device time")
+    parser.add_argument("files", type=Path, help="the GPU job's output folder (OUT), copied back")
+    parser.add_argument("--gpu-minutes", type=float, default=None, help="the GPU time the job took (default: its run.json wall time)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500")
     parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
     parser.add_argument("--steps", type=int, default=8)
