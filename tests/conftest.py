@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# A progress line (`dgaetok.progress.LineProgress`): printed every few seconds when stderr is not a terminal, so
+# a slow or busy machine adds some; tests that account for every stderr line leave these out.
+PROGRESS_LINE = re.compile(r"^[a-z][a-z ]*: \d+/[\d?]+ (images|steps)\b")
+
+
+def without_progress(lines: list[str]) -> list[str]:
+    return [line for line in lines if not PROGRESS_LINE.match(line)]
 
 
 def require_shared_data(root: Path = SHARED) -> Path:

@@ -30,7 +30,7 @@ from dgaetok.files import LATENT_FORMAT, center_crop, open_image, read_latent, t
 from dgaetok.models import file_sha256, load_model
 from dgaetok.pipeline import decode_batch, seeded_noise
 
-from conftest import save_tiny_model
+from conftest import save_tiny_model, without_progress
 
 runner = CliRunner()
 NOT_AN_IMAGE = "not an image file, or a format Pillow cannot decode"
@@ -53,7 +53,7 @@ def model_args(model: Path) -> list[str]:
 
 
 def err_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
+    return without_progress([line for line in result.stderr.splitlines() if line.strip()])
 
 
 def summary(result) -> tuple[int, int, int]:
@@ -892,7 +892,7 @@ def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file)
     proc = subprocess.run([*cmd, "encode", str(src), "-o", str(tmp_path / "o2"), *model_args(tiny_model_file)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = without_progress([line for line in proc.stderr.splitlines() if line.strip()])
     assert lines == [f"failed: {src / 'b.png'}: {NOT_AN_IMAGE}",
                      "encode: 1 written, 0 already there (skipped), 1 failed"]
     assert outputs(tmp_path / "o2", "") == ["a.safetensors"]

@@ -18,6 +18,8 @@ from dgaetok.files import read_latent
 from dgaetok.models import file_sha256, read_model_file, save_with_stats
 from dgaetok.stats import LatentStats
 
+from conftest import PROGRESS_LINE
+
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "photos"
 runner = CliRunner()
@@ -80,6 +82,7 @@ def test_progress_is_printed_as_lines_when_stderr_is_not_a_terminal(tmp_path, ti
     assert [int(pattern.match(line).group(1)) for line in lines][-1] == 6
     assert any(line.endswith(" left") for line in lines)
     assert "\x1b" not in result.stderr and "━" not in result.stderr  # no live-bar drawing
+    assert all(PROGRESS_LINE.match(line) for line in lines)  # what the other tests leave out of stderr
 
     shown = cli("show", tmp_path / "z" / "chelsea.safetensors", "-o", tmp_path / "fig.png", "--image",
                 src / "chelsea.jpg", "--steps", "4", *model)
