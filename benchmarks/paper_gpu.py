@@ -416,7 +416,7 @@ def write_table(state: State, scale: table2.Scale, args) -> None:
     rows = table2.table_rows(entries, scale)
     cards = sorted({e["card"] for e in entries.values()})
     cal = state.data["calibration"]
-    intro = (f"DGAE vs SD-VAE at f16 on lent GPU sessions ({', '.join(cards)}): {scale.minutes:g} min of training per "
+    intro = (f"DGAE vs SD-VAE at f16 on GPUs, in jobs of at most 10 minutes ({', '.join(cards)}): {scale.minutes:g} min of training per "
              f"model on the card that calibrated ({cal['dgae']['device']}), fixed as step counts for every latent "
              f"size; scored on this machine ({rows[0]['images']} evaluation images). Budget: steps x the "
              f"calibrated time per step; wall: the time the training took in its call.")
@@ -473,12 +473,13 @@ def main() -> int:
     dev.add_argument("--pack", type=Path, default=ROOT / ".gpu", help="from scripts/make_gpu_pack.py")
     dev.add_argument("--work", type=Path, default=Path("/tmp/dgaetok-paper-gpu"), help="emptied first")
     dev.add_argument("--deadline", type=float, default=None, help="unix time by which the call must be done")
-    dev.add_argument("--session-minutes", type=float, default=9.0, help="the call's time when no --deadline")
+    dev.add_argument("--job-minutes", "--session-minutes", dest="session_minutes", type=float, default=9.0,
+                     help="the job's time when no --deadline")
     dev.add_argument("--groups", type=int, default=2, help="call groups to work on, while time is left")
     col = sub.add_parser("collect", parents=[common, scoring], help="here: join, score and record a call's files")
-    col.add_argument("files", type=Path, help="what the device call returned (its files_at folder)")
-    col.add_argument("--gpu-minutes", type=float, default=None, help="the session's device time, as the tool "
-                                                                     "reports it (default: the call's wall time)")
+    col.add_argument("files", type=Path, help="the GPU job's output folder (OUT), copied back")
+    col.add_argument("--gpu-minutes", type=float, default=None, help="the GPU time the job took "
+                                                                     "(default: its wall time)")
     col.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500"))
     col.add_argument("--grid-rows", type=int, default=4)
     col.add_argument("--no-score", action="store_true", help="spool the DiT samples, score them later (`score`)")

@@ -1,7 +1,7 @@
 """The paper's Table 2 in miniature: DGAE vs SD-VAE at f16 with c = 16, 8, 4 (latents of 4096, 2048, 1024 values).
 
     python benchmarks/table2.py --scale cpu                     # the 2-core CPU run in RESULTS.md
-    python benchmarks/table2.py --scale cpu --session-minutes 30   # stop with a checkpoint (exit 3); rerun to go on
+    python benchmarks/table2.py --scale cpu --stop-minutes 30      # stop with a checkpoint (exit 3); rerun to go on
 
 On lent GPU sessions, where nothing survives a call but what comes back through $OUT, the same functions run
 split in two: `benchmarks/paper_gpu.py` trains on the device and scores here.
@@ -45,7 +45,7 @@ from dgaetok.models import MODELS, build_model, load_model  # noqa: E402
 from dgaetok.plots import plot_latent_sweep  # noqa: E402
 from dgaetok.train import Diverged, TrainConfig, train  # noqa: E402
 
-PAUSED = 3  # exit status: training stopped at --session-minutes; rerun to continue
+PAUSED = 3  # exit status: training stopped at --stop-minutes; rerun to continue
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ def main() -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="latent channels at f16")
     parser.add_argument("--minutes", type=float, help="training minutes per model (default: the scale's)")
     parser.add_argument("--limit", type=int, help="evaluation images (default: the scale's)")
-    parser.add_argument("--session-minutes", type=float, default=None,
+    parser.add_argument("--stop-minutes", "--session-minutes", dest="session_minutes", type=float, default=None,
                         help="stop training after this much wall time (exit status 3); rerun to continue")
     parser.add_argument("--grid-rows", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -139,8 +139,21 @@ def rfid(
     if grid is not None:
         # One row per image: the original, then its reconstruction at each step count.
         cells = torch.stack(grid_columns, dim=1).flatten(0, 1)
-        save_grid(cells, len(grid_columns), grid)
+        labels = ["original"] + ["decoded" if model.single_step else f"{n} steps" for n in steps]
+        save_grid(cells, len(grid_columns), grid, labels)
     return result
+
+
+RFID_MIN_IMAGES = 2048  # the dimension of the Inception features whose covariance rFID compares
+
+
+def rfid_caveat(images: int) -> str:
+    """What an rFID over ``images`` images is worth, or "" when there are enough for a full-rank covariance."""
+    if images >= RFID_MIN_IMAGES:
+        return ""
+    return (f"rFID over {images} images is biased upwards and noisy (its 2048-d feature covariance needs at least "
+            f"{RFID_MIN_IMAGES} images): compare it only between runs on the same images; PSNR, SSIM and LPIPS "
+            "are per-image means and hold at any count")
 
 
 def write_json(result: RfidResult, path: str | Path) -> None:

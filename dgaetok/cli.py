@@ -11,28 +11,19 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import InputError
 from .files import DEFAULT_MAX_PIXELS, printable
+from .progress import progress as make_progress
 from .tiling import TILED_BUDGET_FACTOR, check_tiling
 
 
-class Command(TyperCommand):
-    """Help as a terminal user expects it: `SRC` in the usage line (not `{src}`), and no `<bool>` type shown on
-    on/off flags, which take no value."""
-
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                name = param.metavar or param.name.upper()
-                pieces.append(name if param.required else f"[{name}]")
-        return pieces
+class FlagsTakeNoValue:
+    """No `<bool>` type shown on on/off flags (`--help` included), which take no value."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
@@ -42,8 +33,28 @@ class Command(TyperCommand):
         return params
 
 
+class Command(FlagsTakeNoValue, TyperCommand):
+    """Help as a terminal user expects it: `SRC` in the usage line (not `{src}`), and flags without a type."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class Group(FlagsTakeNoValue, TyperGroup):
+    """A command group (`dgaetok`, `dgaetok bench`) whose help shows flags without a type."""
+
+
 class App(typer.Typer):
-    """A Typer whose commands use `Command`."""
+    """A Typer whose groups use `Group` and whose commands use `Command`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("cls", Group)
+        super().__init__(*args, **kwargs)
 
     def command(self, *args, **kwargs):
         kwargs.setdefault("cls", Command)
@@ -103,8 +114,6 @@ def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, 
 
     results = []
     total = max(1, len(job) * steps)
-    columns = (TextColumn(verb), BarColumn(), TextColumn("{task.fields[files]}"), TimeElapsedColumn(),
-               TextColumn("left"), TimeRemainingColumn())
     in_flight = 0  # image-steps of the batch being computed
 
     def on_step(n: int) -> None:
@@ -113,7 +122,9 @@ def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, 
         progress.update(task, completed=min(total, len(results) * steps + in_flight))
 
     try:
-        with Progress(*columns, console=console, transient=True, disable=not show_progress) as progress:
+        bar = make_progress(verb, console, "steps" if steps > 1 else "images", fields=True) if show_progress \
+            else Progress(console=console, disable=True)  # other torchrun ranks: rank 0 shows the job's progress
+        with bar as progress:
             task = progress.add_task(verb, total=total, files=f"0/{len(job)} files")
             for item in items(on_step):
                 results.append(item)
@@ -164,6 +175,7 @@ COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda when present)."
 PRECISION_HELP = ("auto, bf16 or fp32: what the networks compute in. auto takes bf16 on GPUs and on CPUs with native "
                   "bf16 matrix units (AMX, AVX512-BF16, Arm BF16), fp32 elsewhere. Latents are always float32.")
+BATCH_HELP = "Images per batch: more is faster on a GPU and needs more memory."
 MAX_PIXELS_HELP = (f"Pixel budget per image: larger model inputs or outputs fail alone, before any memory is spent "
                    f"on them (default {DEFAULT_MAX_PIXELS:,}, about 17 GB to decode with dgae-s on a CPU).")
 
@@ -194,9 +206,10 @@ def note_single_step(model) -> None:
 def encode(
     src: Path = typer.Argument(..., metavar="SRC", help="An image or a folder, walked recursively (symbolic "
                                                         "links followed, hidden files skipped)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the .safetensors latents (mirrors SRC)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the .safetensors latents (mirrors "
+                                "SRC); for a single image, a .safetensors file path also works."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1, help=BATCH_HELP),
     sample: bool = typer.Option(False, "--sample", help="Draw z from the posterior instead of taking its mean."),
     keep_size: bool = typer.Option(False, "--keep-size", help="Encode whole images at their own size (padded by "
                                    "mirroring to a multiple of f; decode crops back)."),
@@ -234,7 +247,7 @@ def encode(
         m.require_stats()
     if tile:
         check_tiling(tile, overlap, m.config.downsample)
-    prepare_output_dir(output)
+    prepare_output_dir(job.out_dir)
     run_job(job, lambda on_step: encode_folder(m, job, src, batch_size, sample, keep_size, overwrite, seed, workers,
                                                max_pixels, normalize, tile, overlap), "encode")
 
@@ -299,13 +312,14 @@ def encode_to_shards(src: Path, output: Path, model: Optional[str], shard_size: 
 @user_errors
 def decode(
     src: Path = typer.Argument(..., metavar="SRC", help="A latent file or a folder of them."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNGs (mirrors SRC)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNGs (mirrors SRC); for a single "
+                                "latent, a .png file path also works."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
     steps: int = typer.Option(50, min=1, help="ODE steps (network calls for Euler)."),
     sampler: str = typer.Option("euler", help="euler or heun."),
     shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift; > 1 spends more steps at high noise."),
     seed: int = typer.Option(0, help="Noise seed: the same seed gives the same image on the same device."),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1, help=BATCH_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-decode latents whose PNG already exists."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -330,7 +344,7 @@ def decode(
     note_single_step(m)
     if tile:
         check_tiling(tile, overlap, m.size_multiple)
-    prepare_output_dir(output)
+    prepare_output_dir(job.out_dir)
     run_job(job, lambda on_step: decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite,
                                                max_pixels=max_pixels, on_step=on_step, tile=tile, overlap=overlap),
             "decode", 1 if m.single_step else steps)
@@ -357,15 +371,18 @@ def info(file: Path = typer.Argument(..., metavar="PATH",
             counts = build_model(config).num_params()
         table.add_row("kind", "model")
         table.add_row("family", config.arch)
-        table.add_row("sha256", file_sha256(file))
+        table.add_row("sha256", file_sha256(file, length=64))
         table.add_row("latent", f"{config.latent_channels} x {config.resolution // config.downsample}^2 "
-                                f"(f{config.downsample}, {len(tensors)} tensors)")
+                                f"(f{config.downsample}) at {config.resolution}x{config.resolution}")
         table.add_row("params", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
-        if (stats := read_stats(meta, config, file)) is not None:
-            table.add_row("latent scale", f"scaling_factor {stats.scaling_factor:.6g}, shift_factor "
-                                          f"{stats.shift_factor:.6g} ({stats.images} images)")
+        table.add_row("tensors", str(len(tensors)))
+        stats = read_stats(meta, config, file)
+        table.add_row("latent stats", "none (`dgaetok stats` adds them)" if stats is None else
+                      f"scaling_factor {stats.scaling_factor:.6g}, shift_factor {stats.shift_factor:.6g} "
+                      f"({stats.images} images)")
         for key, value in sorted(meta.items()):
-            table.add_row(Text(key), Text(value))
+            if key != "latent_stats":  # shown above
+                table.add_row(Text(key), Text(training_data_name(value) if key == "data" else value))
     elif kind == LATENT_FORMAT:
         latent, meta = read_latent(file)
         table.add_row("kind", "latent")
@@ -376,6 +393,13 @@ def info(file: Path = typer.Argument(..., metavar="PATH",
     else:
         raise InputError(f"{printable(str(file))}: neither a dgaetok model nor a latent file")
     out.print(table)
+
+
+def training_data_name(value: str) -> str:
+    """A model's training data as `info` shows it: the folder's name, not the path it had on the machine that
+    trained it (``../data/train (1765 photos)`` -> ``train (1765 photos)``)."""
+    path, _, rest = value.partition(" ")
+    return f"{Path(path).name} {rest}".strip() if "/" in path else value
 
 
 def print_folder_summary(folder: Path) -> None:
@@ -402,12 +426,13 @@ def print_folder_summary(folder: Path) -> None:
 @user_errors
 def train(
     data: Path = typer.Argument(..., help="Folder of training images."),
-    out_dir: Path = typer.Option(Path("runs/dgae"), "--out", "-o"),
+    out_dir: Path = typer.Option(Path("runs/dgae"), "--out", "-o", help="Run folder: model, checkpoints, log, "
+                                 "sample grids."),
     arch: Optional[str] = typer.Option(None, help="Model family: dgae or sdvae (default: the preset's)."),
     preset: Optional[str] = typer.Option(
         None, help="dgae-t/s/b/m/l; sdvae-t, sdvae-s, sdvae-f8c4, sdvae-f16c16, sdvae-f16c8, sdvae-f16c4, "
                    "sdvae-f32c64 (default: <arch>-s)."),
-    resolution: int = typer.Option(256),
+    resolution: int = typer.Option(256, help="Model resolution: images are resized so their shorter side is this."),
     downsample: Optional[int] = typer.Option(None, "--downsample", "-f",
                                              help="Spatial factor f: 8, 16 or 32 (default: the preset's, 16 for *-s)."),
     latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
@@ -418,25 +443,25 @@ def train(
                                              "update as that many processes)."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute residual and attention blocks "
                                          "in backward: much less activation memory for about a third more compute."),
-    steps: int = typer.Option(100_000),
-    lr: float = typer.Option(1e-4),
-    min_lr: float = typer.Option(1e-5),
-    warmup: int = typer.Option(10_000),
-    kl_weight: float = typer.Option(1e-6),
-    lpips_weight: float = typer.Option(1.0),
-    lpips_net: str = typer.Option("vgg"),
-    ema_decay: float = typer.Option(0.999),
+    steps: int = typer.Option(100_000, help="Training steps (a larger value extends a resumed run)."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW), after --warmup."),
+    min_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine decay."),
+    warmup: int = typer.Option(10_000, help="Steps of linear learning-rate warm-up."),
+    kl_weight: float = typer.Option(1e-6, help="Weight of the KL term (SD-VAE's balance, see docs/training.md)."),
+    lpips_weight: float = typer.Option(1.0, help="Weight of the LPIPS term (0: none)."),
+    lpips_net: str = typer.Option("vgg", help="LPIPS trunk of the loss: vgg (the paper's) or alex (lighter)."),
+    ema_decay: float = typer.Option(0.999, help="Decay of the EMA of the weights that model.safetensors holds."),
     rec_loss: str = typer.Option("l1", help="SD-VAE: reconstruction term, l1 or l2."),
     disc_start: int = typer.Option(50_001, help="SD-VAE: steps before the GAN term and discriminator start."),
     disc_weight: float = typer.Option(0.5, help="SD-VAE: factor on the adaptive GAN weight."),
     collapse_windows: int = typer.Option(10, help="SD-VAE: stop after this many collapsed log windows (0: never)."),
-    log_every: int = typer.Option(10),
-    ckpt_every: int = typer.Option(1000),
-    sample_every: int = typer.Option(1000),
-    sample_steps: int = typer.Option(25),
+    log_every: int = typer.Option(10, help="Write a log.jsonl record every N steps."),
+    ckpt_every: int = typer.Option(1000, help="Save a checkpoint every N steps."),
+    sample_every: int = typer.Option(1000, help="Save a reconstruction grid every N steps."),
+    sample_steps: int = typer.Option(25, help="Decode steps of those reconstructions."),
     workers: int = typer.Option(4, min=0, help="DataLoader worker processes per GPU process decoding images "
                                                "(pinned memory, kept alive between epochs; 0: decode in the loop)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the initialisation, data order, crops and noise."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -529,7 +554,7 @@ def stats(
     output: Path = typer.Option(..., "-o", "--output", help="The model file to write: a copy of --model with the "
                                 "statistics (may be --model itself)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only N images, spread evenly over DATA."),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1, help=BATCH_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ):
@@ -543,8 +568,7 @@ def stats(
     m = load(model, pick_device(device), precision=precision)
     skipped = []
     total = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))
-    columns = (TextColumn("stats"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with make_progress("stats", console, "images") as progress:
         task = progress.add_task("stats", total=total)
         result = measure_folder(m, data, limit, batch_size, skipped.append, lambda n: progress.advance(task, n))
     save_with_stats(src, result, output)
@@ -556,9 +580,6 @@ def stats(
         console.print(f"[yellow]skipped:[/yellow] {escape(message)}", highlight=False)
     console.print(f"scaling_factor {result.scaling_factor:.6g} (1 / std over all channels), shift_factor "
                   f"{result.shift_factor:.6g}; wrote {escape(str(output))}", highlight=False)
-
-
-weights_app = App(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
 
 
 @app.command()
@@ -588,7 +609,13 @@ def show(
     if not output.parent.is_dir():
         raise InputError(f"{output.parent}: no such folder")
     m = load(model, pick_device(device), precision=precision) if image is not None else None
-    picture = draw(file, image, m, steps, sampler, shift, seed)
+    if m is None:
+        picture = draw(file)
+    else:
+        note_single_step(m)
+        with make_progress("show", console, "steps") as progress:
+            task = progress.add_task("show", total=1 if m.single_step else steps)
+            picture = draw(file, image, m, steps, sampler, shift, seed, lambda n: progress.advance(task, n))
     try:
         with atomic_path(output) as tmp:
             picture.save(tmp, format="PNG")
@@ -597,7 +624,7 @@ def show(
     out.print(f"wrote {escape(str(output))} ({picture.width}x{picture.height})", highlight=False, soft_wrap=True)
 
 
-weights_app = typer.Typer(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
+weights_app = App(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
 app.add_typer(weights_app, name="weights")
 
 
@@ -613,7 +640,7 @@ def weights_fetch(cache: Optional[Path] = typer.Option(None, help="Cache folder 
 
 @weights_app.command("list")
 @user_errors
-def weights_list(cache: Optional[Path] = typer.Option(None)):
+def weights_list(cache: Optional[Path] = typer.Option(None, help="Cache folder (default: $DGAETOK_CACHE).")):
     """Where each network's weights resolve from now."""
     from .pretrained import status
 
@@ -630,23 +657,23 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("rfid")
 @user_errors
 def bench_rfid(
-    data: Path = typer.Argument(..., help="Folder of evaluation images (e.g. ../shared/data/eval/imagenet-val500)."),
+    data: Path = typer.Argument(..., help="Folder of evaluation images (e.g. 500 ImageNet validation images)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
     steps: list[int] = typer.Option([50], "--steps", help="Decode step counts; repeat for several."),
     limit: Optional[int] = typer.Option(None, min=2, help="Only the first N images."),
-    batch_size: int = typer.Option(16, min=1),
-    sampler: str = typer.Option("euler"),
-    shift: float = typer.Option(1.0, min=0.01),
-    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(16, min=1, help=BATCH_HELP),
+    sampler: str = typer.Option("euler", help="euler or heun."),
+    shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift; > 1 spends more steps at high noise."),
+    seed: int = typer.Option(0, help="Noise seed of the decodes."),
     lpips_net: str = typer.Option("alex", help="LPIPS trunk for the metric: alex (usual) or vgg."),
-    resolution: int = typer.Option(256),
+    resolution: int = typer.Option(256, help="Evaluation size: shorter side resized to this, then centre-cropped."),
     output: Path = typer.Option(Path("bench"), "-o", "--output", help="Folder for rfid.json and the grid PNG."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
     """rFID, PSNR, SSIM and LPIPS of reconstructions, at each --steps, with images/s."""
-    from .bench import rfid, write_json
+    from .bench import rfid, rfid_caveat, write_json
     from .files import IMAGE_SUFFIXES, find_files, prepare_output_dir
     from .models import resolve_model
 
@@ -655,8 +682,7 @@ def bench_rfid(
     note_single_step(m)
     prepare_output_dir(output)
     n_images = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))  # for the bar; unreadable ones drop
-    columns = (TextColumn("bench rfid"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with make_progress("bench rfid", console, "images") as progress:
         task = progress.add_task("decode", total=n_images * len(steps))
         result = rfid(m, str(resolve_model(model)), data, steps, limit, batch_size, seed, sampler, shift, lpips_net,
                       output / "rfid-grid.png", resolution=resolution, on_batch=lambda n: progress.advance(task, n))
@@ -670,6 +696,8 @@ def bench_rfid(
     out.print(table)
     for message in result.skipped:
         console.print(f"[yellow]skipped:[/yellow] {escape(message)}")
+    if caveat := rfid_caveat(result.images):
+        console.print(f"warning: {caveat}", highlight=False)
     console.print(f"wrote {escape(str(output / 'rfid.json'))} and {escape(str(output / 'rfid-grid.png'))}")
 
 
@@ -686,9 +714,9 @@ def bench_gen(
     minutes: Optional[float] = typer.Option(None, min=0.0, help="Also stop after this much training time."),
     eval_every: int = typer.Option(2_000, min=1, help="Evaluate (and checkpoint) every N steps, and at the end."),
     num_samples: int = typer.Option(1_000, min=4, help="Generated images per evaluation."),
-    batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(1e-4, min=0.0),
-    ema_decay: float = typer.Option(0.9999, min=0.0, max=1.0),
+    batch_size: int = typer.Option(32, min=1, help="DiT training batch."),
+    lr: float = typer.Option(1e-4, min=0.0, help="DiT learning rate (AdamW, constant)."),
+    ema_decay: float = typer.Option(0.9999, min=0.0, max=1.0, help="Decay of the DiT's EMA, which is sampled."),
     sample_steps: int = typer.Option(50, min=1, help="Euler steps of the DiT's flow when sampling."),
     cfg: float = typer.Option(1.0, help="Classifier-free guidance scale (1: none, as the paper reports)."),
     decode_steps: int = typer.Option(50, min=1, help="Tokenizer decode steps (ignored by SD-VAE)."),
@@ -696,7 +724,7 @@ def bench_gen(
                                        "more steps near the image; 0.5 suits few steps)."),
     unconditional: bool = typer.Option(False, help="Ignore folder labels."),
     limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the DiT training and its samples."),
     output: Path = typer.Option(Path("bench-gen"), "-o", "--output", help="Folder for curve.csv, gen.json, curve.png."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),

@@ -348,12 +348,30 @@ def save_png(x: torch.Tensor, path: str | os.PathLike) -> None:
         Image.fromarray(to_uint8(x).numpy()).save(tmp, format="PNG")
 
 
-def save_grid(images: torch.Tensor, columns: int, path: str | os.PathLike) -> None:
-    """Save [-1, 1] images (N, 3, H, W) as one PNG grid, row-major, separated by white lines."""
+def save_grid(images: torch.Tensor, columns: int, path: str | os.PathLike, labels: list[str] | None = None) -> None:
+    """Save [-1, 1] images (N, 3, H, W) as one PNG grid, row-major, separated by white lines; ``labels`` are
+    written over the columns, on a white strip."""
     from torchvision.utils import make_grid
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_png(make_grid(images.cpu(), nrow=columns, padding=2, pad_value=1.0), path)
+    grid = make_grid(images.cpu(), nrow=columns, padding=2, pad_value=1.0)
+    if labels:
+        grid = labelled_columns(grid, labels, images.shape[-1] + 2)
+    save_png(grid, path)
+
+
+def labelled_columns(grid: torch.Tensor, labels: list[str], pitch: int) -> torch.Tensor:
+    """``grid`` (3, H, W in [-1, 1]) under a white strip with ``labels[i]`` centred over the column at i * pitch."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    strip = Image.new("RGB", (grid.shape[-1], 16), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, label in enumerate(labels):
+        width = draw.textlength(label, font=font)
+        draw.text((i * pitch + max(0.0, (pitch - width) / 2), 2), label, fill="black", font=font)
+    top = torch.from_numpy(np.asarray(strip)).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.cat([top, grid], dim=1)
 
 
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -55,6 +55,7 @@ class Job:
 
     pairs: list[tuple[str, str]]
     conflicts: list[Item]
+    out_dir: Path = Path(".")  # the folder the outputs go into (`dst`, or a single output file's folder)
 
     @classmethod
     def plan(cls, src: str | Path, dst: str | Path, suffixes: set[str], out_suffix: str,
@@ -65,6 +66,8 @@ class Job:
         if not files and not unreadable:
             raise InputError(f"{display_name(src)}: no {' / '.join(sorted(suffixes))} files found")
         is_dir = src.is_dir()
+        if not is_dir and len(files) == 1 and dst.suffix.lower() == out_suffix and not dst.is_dir():
+            return cls([(files[0], os.fspath(dst))], [], dst.parent)  # one file to one named output file
         prefix = os.path.join(os.fspath(src), "")  # walk_files joins below the root exactly so
         dst_root = os.path.join(os.fspath(dst), "")
         pairs, conflicts, seen = [], [], {}
@@ -80,7 +83,7 @@ class Job:
             pairs.append((path, out))
         for message in unreadable:
             conflicts.append(Item(src, dst, "failed", message))
-        return cls(pairs, conflicts)
+        return cls(pairs, conflicts, dst)
 
     def __len__(self) -> int:
         return len(self.pairs) + len(self.conflicts)

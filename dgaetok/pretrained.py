@@ -388,7 +388,7 @@ def fetch(cache_dir: str | os.PathLike | None = None, nets: Iterable[str] = tupl
         raise InputError(f"unknown network(s) {', '.join(unknown)}; known: {', '.join(NETS)}")
     done = {n: p for n in names if (p := _verified_cache_file(n, root)) is not None}
     for name, path in done.items():
-        say(f"{name}: present in {path}")
+        say(f"{name}: already converted (its sha256 matches the manifest)")
     todo = [n for n in names if n not in done]
     if not todo:
         return done
@@ -411,7 +411,7 @@ def fetch(cache_dir: str | os.PathLike | None = None, nets: Iterable[str] = tupl
                              "member": net.member}
             _write_manifest(root, entries)
             log.info("converted %s -> %s", name, path)
-            say(f"{name}: wrote {path}")
+            say(f"{name}: converted")
             done[name] = path
     return {n: done[n] for n in names}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -83,12 +84,14 @@ def show(
     sampler: str = "euler",
     shift: float = 1.0,
     seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> Image.Image:
     """The latent of ``latent_file`` as a picture (`latent_picture`) at its image's size.
 
     With ``image`` (the file it was encoded from): original | latent | reconstruction, the reconstruction
     decoded by ``model`` (a loaded model or a file; default: the bundled one) exactly as ``dgaetok decode``
-    with the same ``steps``, ``sampler``, ``shift`` and ``seed`` would, tiled if it is large.
+    with the same ``steps``, ``sampler``, ``shift`` and ``seed`` would, tiled if it is large. ``on_step(1)`` is
+    called after each step of that decode.
     """
     path = Path(latent_file)
     latent, meta = read_latent(path)
@@ -110,7 +113,8 @@ def show(
     device = next(model.parameters()).device
     z = latent[None].to(device)
     noise = seeded_noise(seed, z.shape[2] * f, z.shape[3] * f, 1)
-    recon, _ = decode_batch(model, z, noise, steps, sampler, shift, max_pixels=DEFAULT_MAX_PIXELS)  # as `decode`
+    recon, _ = decode_batch(model, z, noise, steps, sampler, shift, on_step=on_step,  # as `decode`
+                            max_pixels=DEFAULT_MAX_PIXELS)
     recon = Image.fromarray(to_uint8(unpad(recon[0], padding)).numpy())
     return side_by_side(original, picture, recon)
 

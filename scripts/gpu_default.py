@@ -12,7 +12,7 @@ What it does:
    channels_last, fused AdamW.
 4. Every ``--export-every`` seconds, and at the end, writes to OUT: the EMA weights in bf16 as shards of at most
    16 MiB (``model.shard-i-of-n.safetensors``), ``log.jsonl``, the latest reconstruction grid (``samples.png``)
-   and ``session.json`` (card, command, peak, FLOPs, img/s, MFU, steps, seconds). A call killed at its limit still
+   and ``run.json`` (card, command, peak, FLOPs, img/s, MFU, steps, seconds). A call killed at its limit still
    returns the last export.
 
 Back on the CPU machine, `scripts/gpu_default_collect.py` joins the shards, scores the model and replaces the
@@ -65,14 +65,14 @@ def warm_start_file(config: DGAEConfig, choice: str) -> tuple[str | None, float]
 
 
 class Session:
-    """session.json: what this call measured, rewritten at every export."""
+    """run.json: what this call measured, rewritten at every export."""
 
     def __init__(self, out: Path, **facts):
         self.out, self.facts = out, facts
 
     def write(self, **more) -> None:
         self.facts.update(more)
-        with atomic_path(self.out / "session.json") as tmp:
+        with atomic_path(self.out / "run.json") as tmp:
             tmp.write_text(json.dumps(self.facts, indent=2) + "\n")
 
 

@@ -4,7 +4,7 @@
 
 1. Joins ``model.shard-*.safetensors`` into ``runs/gpu-default/<date>/model.safetensors`` and records in its
    metadata the GPU-minutes it holds in all (``gpu_minutes``: the warm start's plus this session's;
-   ``--gpu-minutes`` is the session's device time as the device tool reports it, else session.json's wall time).
+   ``--gpu-minutes`` is the session's device time as the device tool reports it, else run.json's wall time).
 2. Scores it with `bench rfid` on the evaluation set (all 500 images, 8 Euler steps, seed 0, LPIPS-alex), and the
    current default too unless ``weights/scores.json`` already holds its scores under the same settings.
 3. Replaces ``weights/default.safetensors`` (bfloat16) only if the new model is better: lower LPIPS and higher
@@ -30,8 +30,8 @@ from dgaetok.files import atomic_path  # noqa: E402
 from dgaetok.models import (file_sha256, join_model_files, load_model, read_model_file, save_model,  # noqa: E402
                             weights_dir)
 
-TABLE_START, TABLE_END = "<!-- gpu-sessions -->", "<!-- /gpu-sessions -->"
-HEADER = ("| session | card | GPU-min (session) | GPU-min (default, in all) | steps | img/s | MFU | PSNR | SSIM | "
+TABLE_START, TABLE_END = "<!-- gpu-runs -->", "<!-- /gpu-runs -->"
+HEADER = ("| run started | card | GPU-min (run) | GPU-min (default, in all) | steps | img/s | MFU | PSNR | SSIM | "
           "LPIPS-alex | rFID | became the default |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
@@ -47,15 +47,15 @@ def score(path: Path, data: Path, limit: int | None, steps: int, cache: dict) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", type=Path, help="what the device call returned (its files_at folder)")
-    parser.add_argument("--gpu-minutes", type=float, default=None, help="this session's device time")
+    parser.add_argument("files", type=Path, help="the GPU job's output folder (OUT), copied back")
+    parser.add_argument("--gpu-minutes", type=float, default=None, help="the GPU time the job took (default: its run.json wall time)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500")
     parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "gpu-default")
     args = parser.parse_args()
 
-    session = json.loads((args.files / "session.json").read_text())
+    session = json.loads((args.files / "run.json").read_text())
     shards = sorted(args.files.glob("model.shard-*.safetensors"))
     if not shards:
         raise SystemExit(f"{args.files}: no model shards (session status: {session.get('status')})")
@@ -92,7 +92,7 @@ def main() -> int:
     card = weights / "README.md"
     text = card.read_text()
     if TABLE_START not in text:
-        text += f"\n## GPU sessions\n\n{TABLE_START}\n{HEADER}{TABLE_END}\n"
+        text += f"\n## GPU training runs\n\n{TABLE_START}\n{HEADER}{TABLE_END}\n"
     text = text.replace(TABLE_END, row + TABLE_END)
     if better:
         text = re.sub(r"GPU-minutes so far: [0-9.]+\.", f"GPU-minutes so far: {total:.1f}.", text)

@@ -74,7 +74,7 @@ def main() -> int:
     parser.add_argument("--quality", type=int, default=80)
     parser.add_argument("--limit", type=int, default=None, help="only the first N photos")
     parser.add_argument("--no-wheels", action="store_true", help="skip the wheels (a pack for this machine)")
-    parser.add_argument("--budget-mib", type=float, default=64.0, help="what one device call may carry")
+    parser.add_argument("--budget-mib", type=float, default=64.0, help="the most the repository and pack may weigh together, in MiB")
     args = parser.parse_args()
 
     photos = find_files(args.data, IMAGE_SUFFIXES)[:args.limit]

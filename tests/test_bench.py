@@ -27,8 +27,14 @@ def test_bench_rfid_cli(tiny_model_file, shared_data, tmp_path):
         assert 0 < r["psnr"] < 40 and -1 <= r["ssim"] <= 1 and r["lpips"] > 0 and r["rfid"] > 0
         assert r["images_per_s"] > 0
     grid = Image.open(out / "rfid-grid.png")
-    assert grid.size == (3 * 64 + 4 * 2, 3 * 64 + 4 * 2)  # 3 images x (original, 1 step, 2 steps)
+    # 3 images x (original, 1 step, 2 steps), under a 16 px strip that labels the columns
+    assert grid.size == (3 * 64 + 4 * 2, 16 + 3 * 64 + 4 * 2)
+    strip = np.asarray(grid.convert("L"))[:16]
+    for column in range(3):  # dark text over each column, white elsewhere in the strip
+        assert strip[:, column * 66 + 2:(column + 1) * 66].min() < 128, column
+    assert np.median(strip) == 255
     assert "PSNR" in result.output
+    assert "warning: rFID over 3 images is biased upwards" in " ".join(result.stderr.split())
 
 
 def test_bench_steps_share_seeds_and_reference(tiny_model_file, shared_data):

@@ -30,7 +30,7 @@ from dgaetok.files import LATENT_FORMAT, center_crop, open_image, read_latent, t
 from dgaetok.models import file_sha256, load_model
 from dgaetok.pipeline import decode_batch, seeded_noise
 
-from conftest import save_tiny_model
+from conftest import save_tiny_model, without_progress
 
 runner = CliRunner()
 NOT_AN_IMAGE = "not an image file, or a format Pillow cannot decode"
@@ -53,8 +53,10 @@ def model_args(model: Path) -> list[str]:
 
 
 def err_lines(result) -> list[str]:
-    """stderr's lines, less the note every command that loads a model starts with (`test_precision` checks it)."""
-    return [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note: precision ")]
+    """stderr's lines, less progress lines and the note every command that loads a model starts with
+    (`test_precision` checks it)."""
+    return without_progress([line for line in result.stderr.splitlines()
+                             if line.strip() and not line.startswith("note: precision ")])
 
 
 def summary(result) -> tuple[int, int, int]:
@@ -893,7 +895,7 @@ def test_console_command_exit_codes_and_stderr(tmp_path, album, tiny_model_file)
     proc = subprocess.run([*cmd, "encode", str(src), "-o", str(tmp_path / "o2"), *model_args(tiny_model_file)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = without_progress([line for line in proc.stderr.splitlines() if line.strip()])
     assert lines[0].startswith("note: precision ")  # which precision the run computes in, and why
     assert lines[1:] == [f"failed: {src / 'b.png'}: {NOT_AN_IMAGE}",
                      "encode: 1 written, 0 already there (skipped), 1 failed"]
@@ -930,6 +932,6 @@ def test_the_decode_bar_moves_with_every_step(monkeypatch):
         yield Item(Path("a"), Path("a.png"), "done")
         yield Item(Path("b"), Path("b.png"), "done")
 
-    monkeypatch.setattr(cli_module, "Progress", Recorder)
+    monkeypatch.setattr(cli_module, "make_progress", Recorder)
     cli_module.run_job([None, None], items, "decode", steps=3)  # no failure: returns
     assert seen == [("total", 6), ("at", 2), ("at", 4), ("at", 6), ("at", 6), ("at", 6)]

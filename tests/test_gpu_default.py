@@ -40,7 +40,7 @@ def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data):
 
     run("scripts/gpu_default.py", "--rehearse", "--pack", str(pack), "--out", str(out), "--work", str(work),
         "--steps", "12", "--minutes", "10", "--export-every", "0")
-    session = json.loads((out / "session.json").read_text())
+    session = json.loads((out / "run.json").read_text())
     assert session["status"] == "done" and session["step"] == 12 and session["device"] == "cpu"
     assert session["matmul_peak_tflops"] > 0 and session["train_gflop_per_img"] > 0
     assert 0 < session["mfu"] < 1 and session["img_per_s"] > 0

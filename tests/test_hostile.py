@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from dgaetok.files import LATENT_FORMAT, display_name, read_latent, write_latent
 from dgaetok.models import file_sha256
 
-from conftest import save_tiny_model
+from conftest import save_tiny_model, without_progress
 
 REPO = Path(__file__).resolve().parents[1]
 HEADROOM = 2_500_000_000  # bytes of address space the command gets beyond what importing torch took
@@ -55,7 +55,7 @@ def failures(proc: subprocess.CompletedProcess, notes: tuple[str, ...] = ()) -> 
     """file -> message of each `failed: FILE: message` line; every stderr line must be one of those, the summary
     or one of ``notes``, so a traceback, a warning or a second line for one file fails the test."""
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and line not in notes]
+    lines = without_progress([line for line in proc.stderr.splitlines() if line.strip() and line not in notes])
     assert lines and lines[-1].startswith(SUMMARY), proc.stderr
     out = {}
     for line in lines[:-1]:
