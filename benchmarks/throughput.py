@@ -46,7 +46,7 @@ import torch
 
 from dgaetok.flops import count_flops, matmul_peak, seconds_per_call, training_flops_per_image
 from dgaetok.memory import largest_batch
-from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, build_model, load_model
+from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, build_model, load_model, synchronize
 from dgaetok.precision import autocast, resolve
 
 KINDS = ("unet", "train", "train-ckpt", "encode", "decode", "peer")
