@@ -139,12 +139,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
-@torch.no_grad()
 def ema_decay_at(step: int, decay: float) -> float:
     """EMA decay warmed up as (1 + step) / (10 + step), so short runs are not dominated by the initial weights."""
     return min(decay, (1 + step) / (10 + step))
 
 
+@torch.no_grad()  # else each lerp from a parameter that requires grad records a node: a graph that grows per step
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_p, model_p = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
