@@ -462,9 +462,6 @@ def stats(
                   f"{result.shift_factor:.6g}; wrote {escape(str(output))}", highlight=False)
 
 
-weights_app = App(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
-
-
 @app.command()
 @user_errors
 def show(
@@ -500,7 +497,7 @@ def show(
     out.print(f"wrote {escape(str(output))} ({picture.width}x{picture.height})", highlight=False, soft_wrap=True)
 
 
-weights_app = typer.Typer(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
+weights_app = App(no_args_is_help=True, help="Pretrained networks the metrics need (LPIPS, FID Inception).")
 app.add_typer(weights_app, name="weights")
 
 
@@ -516,7 +513,7 @@ def weights_fetch(cache: Optional[Path] = typer.Option(None, help="Cache folder 
 
 @weights_app.command("list")
 @user_errors
-def weights_list(cache: Optional[Path] = typer.Option(None)):
+def weights_list(cache: Optional[Path] = typer.Option(None, help="Cache folder (default: $DGAETOK_CACHE).")):
     """Where each network's weights resolve from now."""
     from .pretrained import status
 
