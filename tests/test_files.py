@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from dgaetok.errors import InputError, TooLarge
 from dgaetok.files import (IMAGE_SUFFIXES, LATENT_FORMAT, atomic_path, center_crop, describe_failure, display_name,
-                           find_files, is_out_of_memory, open_image, pad_to_multiple, padding_of, prepare_output_dir, read_latent,
-                           resize_shorter_side, to_tensor, to_uint8, unpad, walk_files, write_latent)
+                           find_files, is_out_of_memory, open_image, pad_to_multiple, padding_of, prepare_output_dir,
+                           read_latent, resize_shorter_side, to_tensor, to_uint8, unpad, walk_files, write_latent)
 
 
 def leftovers(folder) -> list[str]:
