@@ -505,8 +505,13 @@ DEFAULT_MODEL = "default"  # weights/default.safetensors; its card is weights/RE
 
 
 def weights_dir() -> Path:
-    """``$DGAETOK_WEIGHTS``, else the repository's ``weights/`` beside the package."""
-    return Path(os.environ.get("DGAETOK_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+    """``$DGAETOK_WEIGHTS``, else the bundled models: ``weights/`` inside the package where it was installed from
+    a wheel (pyproject.toml packages the repository's folder there), else the repository's ``weights/`` beside the
+    package (a clone, an editable install)."""
+    if "DGAETOK_WEIGHTS" in os.environ:
+        return Path(os.environ["DGAETOK_WEIGHTS"])
+    package = Path(__file__).resolve().parent
+    return package / "weights" if (package / "weights").is_dir() else package.parent / "weights"
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:
