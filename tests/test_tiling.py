@@ -8,6 +8,7 @@ in a subprocess.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from dgaetok.errors import InputError
 from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
-from dgaetok.models import DGAE, DGAE_T, SDVAE, SDVAE_T, load_model
+from dgaetok.models import DGAE, DGAE_S2, DGAE_T, SDVAE, SDVAE_T, load_model
 from dgaetok.tiling import TileGrid, check_tiling, ramp, seam_ratio, tile_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,15 +131,32 @@ def test_one_tile_covering_the_image_is_the_whole_decode(tiny):
     torch.testing.assert_close(tiny.decode(z, steps=2, noise=noise, tile=128), whole, rtol=0, atol=1e-5)
 
 
-def test_tile_conditions_are_the_whole_images_features(tiny, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_p2():
+    """dgae-s2's structure (a U-Net on 2x2 patches, three downsamplings: size multiple 16) at tiny widths."""
+    config = dataclasses.replace(DGAE_S2(resolution=64, downsample=8, latent_channels=4), unet_channels=32,
+                                 preset="")
+    assert config.unet_patch == 2
+    return seeded_model(DGAE, config)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_p2"])
+def test_tile_conditions_are_the_whole_images_features(which, request, monkeypatch):
     """With a U-Net that returns its condition features, tiled and whole velocities must agree exactly: each
-    tile's features, from its latent slice and a one-pixel halo, equal the whole image's under the tile."""
+    tile's features, from its latent slice and a one-pixel halo, equal the whole image's under the tile (at
+    the U-Net's working size, which a 2x2 patch U-Net halves: the halo is then f / 2 of its pixels)."""
+    model = request.getfixturevalue(which)
+    p = model.config.unet_patch
     z = torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(3))
     x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(4))
     t = torch.full((1,), 0.5)
-    monkeypatch.setattr(tiny.decoder, "forward", lambda x, t, cond: cond[:, :3] * 1.0)
-    whole = tiny.decoder(x, t, tiny.condition(z))
-    tiled = tiny.tiled_velocity(z, tile=64, overlap=16)(x, t)
+    # features (B, C, H/p, W/p) back at pixel size: p x p pixels per feature, as the U-Net's unpatchify puts them
+    monkeypatch.setattr(model.decoder, "forward",
+                        lambda x, t, cond: F.interpolate(cond[:, :3], scale_factor=float(p), mode="nearest"))
+    whole = model.decoder(x, t, model.condition(z))
+    assert whole.shape == x.shape
+    tiled = model.tiled_velocity(z, tile=64, overlap=16)(x, t)
+    assert len(TileGrid(96, 160, 64, 16, model.size_multiple)) > 4
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-6)
 
 
@@ -153,10 +171,18 @@ def test_tiled_decode_is_seeded_by_the_whole_images_noise(tiny):
     torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
 
 
-def test_tiled_decoding_takes_any_shape_the_model_does(tiny):
-    z = torch.randn(1, 4, 3, 17, generator=torch.Generator().manual_seed(6))  # 24x136: one row of tiles
-    assert tiny.decode(z, steps=1, tile=64, overlap=16, generator=torch.Generator().manual_seed(0)).shape \
-        == (1, 3, 24, 136)
+@pytest.mark.parametrize("latent", [(3, 17), (5, 11), (9, 9)], ids=["24x136", "40x88", "72x72"])
+def test_tiled_decoding_takes_any_shape_the_model_does(tiny, monkeypatch, latent):
+    """Any shape the model decodes whole (one row of tiles, uneven grids) decodes in tiles to the same image
+    when the network's output at a pixel depends only on that pixel: the blend then adds nothing of its own."""
+    z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(6))
+    noise = torch.randn(1, 3, latent[0] * 8, latent[1] * 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tiny.decoder, "forward", lambda x, t, cond: cond[:, :3] - x * t.view(-1, 1, 1, 1))
+    whole = tiny.decode(z, steps=3, noise=noise)
+    tiled = tiny.decode(z, steps=3, noise=noise, tile=32, overlap=8)
+    assert tiled.shape == whole.shape == (1, 3, latent[0] * 8, latent[1] * 8)
+    assert len(TileGrid(*whole.shape[2:], 32, 8, tiny.size_multiple)) > 1 and whole.std() > 0.1
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
 
 
 def test_compiled_networks_see_one_tile_count_per_grid(tiny, monkeypatch):
