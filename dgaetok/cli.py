@@ -186,7 +186,9 @@ def check_output_file(path: Path) -> None:
         raise InputError(f"{path}: not a file path in an existing folder")
 
 
-TILE_HELP = "Run the network on overlapping tiles of this many pixels (a multiple of the model's size multiple)."
+TILE_HELP = ("Run the network on overlapping tiles of this many pixels (a multiple of the model's size multiple), "
+             "one tile per call on the CPU and on a GPU as many as keep a call within --max-pixels: memory follows "
+             f"the tile, not the image, which may be up to {TILED_BUDGET_FACTOR}x --max-pixels.")
 OVERLAP_HELP = "Pixels neighbouring tiles share; their outputs are blended across it."
 
 
@@ -328,7 +330,7 @@ def decode(
                                    "larger latent is decoded in tiles of the model's resolution (up to "
                                    f"{TILED_BUDGET_FACTOR}x the budget), as is one that runs out of memory whole."),
     tile: Optional[int] = typer.Option(None, min=1, help=TILE_HELP + " DGAE blends the tiles' velocities at "
-                                       "every step, so no seams; memory follows the tile, not the image."),
+                                       "every step, so no seams."),
     overlap: int = typer.Option(32, min=0, help=OVERLAP_HELP),
 ):
     """Decode latents back to PNG images with the diffusion decoder."""

@@ -18,9 +18,25 @@ shortcut, ``quant_conv`` inside the encoder and ``post_quant_conv`` inside the d
 order applied. `our_names` maps each dgaetok key to the keys it comes from; import and export both use it.
 
 The structure (f, c, base width, multipliers, blocks per level) is read off the weights and, for diffusers, checked
-against config.json. diffusers' ``scaling_factor`` / ``shift_factor`` (or per-channel ``latents_mean`` /
-``latents_std``) become the model file's latent statistics, and go back on export. diffusers itself is never
-imported: config.json and the tensors are read directly.
+against config.json. diffusers itself is never imported: config.json and the tensors are read directly.
+
+Latent statistics follow what diffusers' pipelines do with config.json's numbers (n: the normalised latent a
+diffusion model sees, z: the VAE's latent):
+
+- ``scaling_factor`` alone (SD, SDXL): ``z = n / scaling_factor``;
+- with ``shift_factor`` (SD3, Flux): ``z = n / scaling_factor + shift_factor``;
+- with per-channel ``latents_mean`` / ``latents_std`` (SDXL's pipelines, e.g. Playground v2.5):
+  ``z = n * latents_std / scaling_factor + latents_mean``, so the channel's std is ``latents_std / scaling_factor``
+  and ``shift_factor`` is not used.
+
+Import reads them that way into the model file's per-channel mean and std (a config.json without
+``scaling_factor`` has diffusers' default, 0.18215). Export writes the global ``scaling_factor`` and
+``shift_factor`` (what pipelines without per-channel statistics use) and, where the channels differ,
+``latents_mean`` and ``latents_std`` multiplied by that ``scaling_factor``, so that SDXL's pipelines recover each
+channel's own mean and std exactly.
+
+LDM checkpoints of a model trained with an EMA (``model_ema.*``: LitEma's copy of each weight, its name without
+dots, and its ``decay`` / ``num_updates``) import the EMA weights.
 """
 from __future__ import annotations
 
@@ -39,6 +55,7 @@ from .stats import LatentStats
 
 LAYOUTS = ("ldm", "diffusers")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_SCALING_FACTOR = 0.18215  # AutoencoderKL's default, for a config.json that states none
 # Module renames from dgaetok's names, applied in order to a key; {up} is rewritten per layout (see `our_names`).
 _RENAMES = {
     "ldm": [
@@ -138,13 +155,27 @@ def read_checkpoint(src: str | Path) -> tuple[dict[str, torch.Tensor], dict | No
     raise InputError(f"{src}: not a checkpoint (expected a .ckpt or .safetensors file, or a diffusers folder)")
 
 
-def _their_state(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor], float | None]:
-    """(layout, the autoencoder's tensors with LDM's prefix and training-only keys removed, LDM's scale_factor)."""
+def _ema_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors with LitEma's ``model_ema.*`` removed and its copies in place of the weights they follow, whether
+    any were). LitEma names a weight's copy after the weight without its dots; its copies of the training loss's
+    weights and its own ``decay`` / ``num_updates`` have no place in the autoencoder."""
+    shadow = {k[len("model_ema."):]: v for k, v in tensors.items() if k.startswith("model_ema.")}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("model_ema.")}
+    ema = {k: shadow[k.replace(".", "")] for k in tensors if k.replace(".", "") in shadow}
+    return tensors | ema, bool(ema)
+
+
+def _their_state(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor], float | None, bool]:
+    """(layout, the autoencoder's tensors with LDM's prefix and training-only keys removed, LDM's scale_factor,
+    whether they are the checkpoint's EMA weights)."""
     scale = tensors.get("scale_factor")
+    ema = False
     if any(k.startswith("first_stage_model.") for k in tensors):  # a whole Stable Diffusion checkpoint
+        # (its model_ema.* is the EMA of the diffusion model, not of the autoencoder)
         tensors = {k[len("first_stage_model."):]: v for k, v in tensors.items() if k.startswith("first_stage_model.")}
     else:
         tensors = {k: v for k, v in tensors.items() if not k.startswith("loss.") and k != "scale_factor"}
+        tensors, ema = _ema_weights(tensors)
     if any(".down_blocks." in k or ".mid_block." in k for k in tensors):
         def modern(key: str) -> str:
             head, sep, tail = key.rpartition(".attentions.0.")
@@ -152,8 +183,8 @@ def _their_state(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch
                 name, rest = tail.split(".", 1)
                 return f"{head}{sep}{_LEGACY_ATTENTION[name]}.{rest}"
             return key
-        return "diffusers", {modern(k): v for k, v in tensors.items()}, None
-    return "ldm", tensors, float(scale) if scale is not None and scale.numel() == 1 else None
+        return "diffusers", {modern(k): v for k, v in tensors.items()}, None, ema
+    return "ldm", tensors, float(scale) if scale is not None and scale.numel() == 1 else None, ema
 
 
 def _need(tensors: dict[str, torch.Tensor], key: str, src: str) -> torch.Tensor:
@@ -202,24 +233,29 @@ def check_diffusers_config(config: dict, ours: DGAEConfig, src: str) -> None:
 
 
 def _stats_from_diffusers(config: dict, channels: int) -> LatentStats | None:
-    if config.get("latents_mean") and config.get("latents_std"):
-        return LatentStats(config["latents_mean"], config["latents_std"], 0, "diffusers config.json latents_mean/std")
-    if config.get("scaling_factor"):
-        return LatentStats.uniform(channels, float(config["scaling_factor"]), float(config.get("shift_factor") or 0.0),
-                                   "diffusers config.json scaling_factor/shift_factor")
-    return None
+    """The statistics with which diffusers' pipelines turn a normalised latent into this VAE's (module docstring)."""
+    scale = config.get("scaling_factor", DIFFUSERS_SCALING_FACTOR)
+    if not scale:
+        return None
+    scale = float(scale)
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        return LatentStats(config["latents_mean"], [s / scale for s in config["latents_std"]], 0,
+                           "diffusers config.json latents_mean, latents_std / scaling_factor")
+    return LatentStats.uniform(channels, scale, float(config.get("shift_factor") or 0.0),
+                               "diffusers config.json scaling_factor/shift_factor")
 
 
 def import_checkpoint(src: str | Path, resolution: int | None = None, scaling_factor: float | None = None,
                       shift_factor: float | None = None) -> tuple[SDVAE, str]:
-    """An SD-VAE checkpoint in either layout as an `SDVAE` (float32), and its layout.
+    """An SD-VAE checkpoint in either layout as an `SDVAE` (float32), and its layout ("ldm" or "diffusers", with
+    " (EMA weights)" where an LDM checkpoint's EMA copy was taken).
 
     ``resolution``: the model's default encoding size (None: diffusers' ``sample_size``, else 256).
     ``scaling_factor`` / ``shift_factor``: latent statistics as diffusers states them, overriding what the
     checkpoint says (an LDM autoencoder checkpoint carries none; SD's is 0.18215).
     """
     tensors, diffusers_config, what = read_checkpoint(src)
-    layout, theirs, ldm_scale = _their_state(tensors)
+    layout, theirs, ldm_scale, ema = _their_state(tensors)
     if resolution is None:
         size = (diffusers_config or {}).get("sample_size", 256)
         resolution = int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -263,7 +299,7 @@ def import_checkpoint(src: str | Path, resolution: int | None = None, scaling_fa
     elif shift_factor is not None:
         raise InputError("--shift-factor needs --scaling-factor")
     model.latent_stats = stats
-    return model.eval(), layout
+    return model.eval(), f"{layout} (EMA weights)" if ema else layout
 
 
 def convert(src: str | Path, dst: str | Path, resolution: int | None = None, scaling_factor: float | None = None,
@@ -296,8 +332,8 @@ def export_state_dict(model: Tokenizer, layout: str) -> dict[str, torch.Tensor]:
 
 
 def diffusers_config(model: Tokenizer) -> dict:
-    """The config.json of a diffusers ``AutoencoderKL`` with ``model``'s structure and latent statistics (without
-    them: scaling_factor 1.0, i.e. none)."""
+    """The config.json of a diffusers ``AutoencoderKL`` with ``model``'s structure and latent statistics as its
+    pipelines read them (module docstring; without statistics: scaling_factor 1.0, i.e. none)."""
     c, stats = model.config, model.latent_stats
     levels = len(c.enc_ch_mult)
     config = {
@@ -310,8 +346,10 @@ def diffusers_config(model: Tokenizer) -> dict:
         "latents_mean": None, "latents_std": None,
     }
     if stats is not None:
-        config |= {"scaling_factor": stats.scaling_factor, "shift_factor": stats.shift_factor,
-                   "latents_mean": list(stats.mean), "latents_std": list(stats.std)}
+        scale = stats.scaling_factor
+        config |= {"scaling_factor": scale, "shift_factor": stats.shift_factor}
+        if len(set(stats.mean)) > 1 or len(set(stats.std)) > 1:  # SDXL's pipelines divide latents_std by the scale
+            config |= {"latents_mean": list(stats.mean), "latents_std": [s * scale for s in stats.std]}
     return config
 
 

@@ -55,11 +55,16 @@ def describe_failure(path: str | os.PathLike, exc: BaseException) -> str:
     return text
 
 
+# Messages of allocations that failed, as torch raises them: the CPU allocator, cuBLAS and cuDNN creating handles
+# or workspaces, and oneDNN, whose only word when its scratchpad cannot be had under a memory limit is this one.
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                  "could not create a primitive")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation that failed: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU
-    allocator's RuntimeError."""
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) \
-        or any(s in str(exc) for s in ("out of memory", "can't allocate memory"))
+    """Whether ``exc`` is an allocation that failed: Python's MemoryError, CUDA's OutOfMemoryError, or a
+    RuntimeError of the CPU allocator, cuBLAS, cuDNN or oneDNN."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or any(s in str(exc) for s in _OUT_OF_MEMORY)
 
 
 def first_line(exc: BaseException) -> str:

@@ -120,6 +120,7 @@ class Tokenizer(nn.Module):
         self.file_hash = ""  # set by load_model: latents record which model file made them
         self.latent_stats: LatentStats | None = None
         self.precision: str | Precision = "fp32"
+        self.compiled = False  # compile_networks: tiles go through the networks in chunks of one size
 
     def set_precision(self, precision: str | Precision) -> "Tokenizer":
         resolve(precision, "cpu")  # refuse unknown names here, not at the first encode
@@ -156,11 +157,13 @@ class Tokenizer(nn.Module):
         """Image sides must be multiples of this: f times `latent_multiple`."""
         return self.config.downsample * self.latent_multiple
 
-    def encode(self, x: torch.Tensor, tile: int | None = None, overlap: int = 32, chunk: int = 8) -> EncoderOutput:
+    def encode(self, x: torch.Tensor, tile: int | None = None, overlap: int = 32,
+               chunk: int | None = None) -> EncoderOutput:
         """Images (B, 3, H, W) in [-1, 1] -> the posterior (float32, whatever `precision` the encoder runs in).
 
-        ``tile`` (pixels, a multiple of f) encodes overlapping tiles, ``chunk`` at a time, and blends their
-        moments over ``overlap`` pixels (see `dgaetok.tiling`): memory follows the tile, not the image. The
+        ``tile`` (pixels, a multiple of f) encodes overlapping tiles, ``chunk`` at a time (default, as `decode`:
+        `images_per_call` of 8), and blends their moments over ``overlap`` pixels (see `dgaetok.tiling`): memory
+        follows the tile, not the image. The
         latent then differs from the whole image's where the encoder's GroupNorm statistics and mid-block
         attention, computed per tile, differ from the whole image's, and near tile edges.
         """
@@ -176,7 +179,8 @@ class Tokenizer(nn.Module):
                 grid = TileGrid(x.shape[2] // f, x.shape[3] // f, tile // f, overlap // f)
                 moments = x.new_empty(x.shape[0], 2 * self.config.latent_channels, grid.height, grid.width,
                                       dtype=torch.float32)
-                grid.blend(lambda boxes: self.encoder(grid.tiles(x, boxes, scale=f)).float(), moments, chunk)
+                grid.blend(lambda boxes: self.encoder(grid.tiles(x, boxes, scale=f)).float(), moments,
+                           chunk or images_per_call(x.device, 8), self.compiled)
         return EncoderOutput(DiagonalGaussian(moments.contiguous()))  # NCHW whatever the weights' layout
 
     def compile_networks(self, mode: str = "default") -> "Tokenizer":
@@ -192,6 +196,7 @@ class Tokenizer(nn.Module):
             raise InputError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         for net in (self.encoder, self.decoder):
             net.compile(mode=None if mode == "default" else mode, dynamic=False)
+        self.compiled = True
         return self
 
     def set_grad_checkpointing(self, enabled: bool = True) -> "Tokenizer":
@@ -259,7 +264,7 @@ class DGAE(Tokenizer):
                 cond = self.condition(grid.tiles(z_halo, boxes, scale=1 / f, halo=1))[..., s:-s, s:-s]
                 return self.decoder(grid.tiles(x, boxes), t.repeat(len(boxes)), cond).float()
 
-            return grid.blend(tiles, torch.empty_like(x), chunk)
+            return grid.blend(tiles, torch.empty_like(x), chunk, self.compiled)
 
         return velocity
 
@@ -374,7 +379,7 @@ class SDVAE(Tokenizer):
                     grid = TileGrid(za.shape[2] * f, za.shape[3] * f, tile, overlap, f)
                     out.append(grid.blend(lambda boxes: self.decoder(grid.tiles(za, boxes, scale=1 / f)).float(),
                                           za.new_empty(len(za), 3, grid.height, grid.width),
-                                          chunk or images_per_call(z.device, 8)))
+                                          chunk or images_per_call(z.device, 8), self.compiled))
                 _images_done(on_step, b - a)(1)
         return torch.cat(out).clamp(-1, 1).contiguous()
 
@@ -510,8 +515,13 @@ DEFAULT_MODEL = "default"  # weights/default.safetensors; its card is weights/RE
 
 
 def weights_dir() -> Path:
-    """``$DGAETOK_WEIGHTS``, else the repository's ``weights/`` beside the package."""
-    return Path(os.environ.get("DGAETOK_WEIGHTS", Path(__file__).resolve().parents[1] / "weights"))
+    """``$DGAETOK_WEIGHTS``, else the bundled models: ``weights/`` inside the package where it was installed from
+    a wheel (pyproject.toml packages the repository's folder there), else the repository's ``weights/`` beside the
+    package (a clone, an editable install)."""
+    if "DGAETOK_WEIGHTS" in os.environ:
+        return Path(os.environ["DGAETOK_WEIGHTS"])
+    package = Path(__file__).resolve().parent
+    return package / "weights" if (package / "weights").is_dir() else package.parent / "weights"
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:

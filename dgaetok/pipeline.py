@@ -15,7 +15,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -24,7 +24,7 @@ from .errors import InputError, TooLarge
 from .files import (DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, LATENT_FORMAT, Crop, center_crop, check_pixels, crop_meta,
                     describe_failure, display_name, first_line, is_out_of_memory, mega, open_image, padding_of,
                     read_latent, safetensors_header, save_png, to_tensor, unpad, walk_files, write_latent)
-from .models import FORMAT, DGAEConfig, Tokenizer
+from .models import FORMAT, DGAEConfig, Tokenizer, images_per_call
 from .shards import DTYPES, ShardInfo, ShardPlan, read_shard_info, shard_name, write_dataset, write_shard
 from .sources import ImageSource
 from .stats import LatentStats, Moments
@@ -90,6 +90,7 @@ class Job:
 
 
 Entry = tuple[Path, Path, tuple]  # (source, output, loaded value: its first element is the tensor)
+T = TypeVar("T")
 
 
 def _batches(
@@ -212,7 +213,10 @@ def encode_folder(
 
     ``keep_size`` encodes whole images, padded by mirroring to the model's `size_multiple`
     (`files.pad_to_multiple`); the padding is recorded and `decode_folder` crops it off. ``tile`` encodes in
-    overlapping tiles (`Tokenizer.encode`)."""
+    overlapping tiles (`Tokenizer.encode`, `tiles_per_call` at a time), and then takes images up to
+    `TILED_BUDGET_FACTOR` times ``max_pixels``, as `decode_folder` does. Without it nothing is tiled for the user:
+    a tiled latent differs from the whole image's (GroupNorm statistics per tile), which a dataset of latents
+    should not do behind its maker's back."""
     cfg = model.config
     device = next(model.parameters()).device
     model_meta = {"model_hash": model.file_hash, "model_config": cfg.to_json(), "dgaetok_version": __version__}
@@ -224,13 +228,21 @@ def encode_folder(
         return display_name(os.path.relpath(src, src_root) if root_is_dir else src.name)
 
     def load(path: Path):
-        return model_input(model, open_image(path, max_pixels, None if keep_size else cfg.resolution), keep_size,
-                           path)
+        try:
+            img = open_image(path, max_pixels and max_pixels * (TILED_BUDGET_FACTOR if tile else 1),
+                             None if keep_size else cfg.resolution)
+        except TooLarge as exc:
+            message = over_tiled_budget(path, "encodes", exc, max_pixels) if tile else \
+                f"{exc} (or encode it in tiles with --tile, up to {TILED_BUDGET_FACTOR} x the budget)"
+            raise TooLarge(message, exc.pixels, exc.budget) from None
+        return model_input(model, img, keep_size, path)
 
     def compute(batch: list[Entry]) -> torch.Tensor:
         x = torch.stack([value[0] for _, _, value in batch]).to(device)
         with torch.no_grad():
-            dist = model.encode(x, tile=tile, overlap=overlap).latent_dist
+            tile_pixels = tile and min(tile, x.shape[2]) * min(tile, x.shape[3])
+            chunk = tile and tiles_per_call(device, len(x), tile_pixels, max_pixels)
+            dist = model.encode(x, tile=tile, overlap=overlap, chunk=chunk).latent_dist
             z = dist.mode()
             if sample:  # noise per image, so a file's latent does not depend on batching or on a resumed run
                 noise = torch.stack([_posterior_noise(seed, source(src), z.shape[1:]) for src, _, _ in batch])
@@ -516,20 +528,20 @@ def decode_folder(
     """
     device = next(model.parameters()).device
     f = model.config.downsample
+    progress = _Progress(on_step)  # `_run` redoes a failed batch image by image
 
     def load(path: Path):
         try:
             latent, meta = load_latent_and_meta(model, path, max_pixels and max_pixels * TILED_BUDGET_FACTOR)
         except TooLarge as exc:
-            raise TooLarge(f"{display_name(path)}: its latent decodes to {mega(exc.pixels)} pixels, over "
-                           f"{TILED_BUDGET_FACTOR} x the pixel budget of {mega(max_pixels)} per image, the most it "
-                           f"decodes even in tiles; raise it with --max-pixels", exc.pixels, exc.budget) from None
+            raise TooLarge(over_tiled_budget(path, "decodes", exc, max_pixels), exc.pixels, exc.budget) from None
         return latent, padding_of(meta, (latent.shape[1] * f, latent.shape[2] * f), path)
 
     def compute(batch: list[Entry]) -> list[tuple[torch.Tensor, str]]:
         z = torch.stack([value[0] for _, _, value in batch]).to(device)
         noise = seeded_noise(seed, z.shape[2] * f, z.shape[3] * f, len(batch))
-        images, note = decode_batch(model, z, noise, steps, sampler, shift, tile, overlap, on_step, max_pixels)
+        images, note = progress.attempt(lambda: decode_batch(model, z, noise, steps, sampler, shift, tile, overlap,
+                                                             progress, max_pixels))
         return [(image, note) for image in images]
 
     def write(entry: Entry, out: tuple[torch.Tensor, str]) -> str:
@@ -546,6 +558,19 @@ def decode_folder(
         yield from finished
         if batch:
             yield from _write_each(_run(batch, compute), write)
+
+
+def over_tiled_budget(path: Path, verb: str, exc: TooLarge, max_pixels: int) -> str:
+    what = "its latent decodes to" if verb == "decodes" else "the image to encode is"
+    return (f"{display_name(path)}: {what} {mega(exc.pixels)} pixels, over {TILED_BUDGET_FACTOR} x the pixel "
+            f"budget of {mega(max_pixels)} per image, the most it {verb} even in tiles; raise it with --max-pixels")
+
+
+def tiles_per_call(device: torch.device | str, images: int, tile_pixels: int, max_pixels: int | None) -> int:
+    """Tiles per network call in a tiled encode or decode of ``images`` images at a time: one on the CPU (as
+    `models.images_per_call`); on a GPU as many as keep one call, images x tiles x ``tile_pixels``, within
+    ``max_pixels``. At least one: `_batches` keeps images x their whole size within it, and a tile is no larger."""
+    return images_per_call(device, max(1, max_pixels // (images * tile_pixels)) if max_pixels else 8)
 
 
 def seeded_noise(seed: int, height: int, width: int, n: int) -> torch.Tensor:
@@ -572,24 +597,53 @@ def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: 
     of several re-raises, so that `_run` retries its images one by one, whole. A fallback decodes exactly as
     its ``tile`` and ``overlap`` would, from the same noise, and the note says so in one line.
     """
-    kwargs = dict(steps=steps, sampler=sampler, shift=shift, noise=noise, overlap=overlap, on_step=on_step)
-    if tile:
-        return model.decode(z, tile=tile, **kwargs), ""
     h, w = noise.shape[-2:]
+    progress = _Progress(on_step)
+
+    def run(tile: int | None, overlap: int) -> torch.Tensor:
+        chunk = tile and tiles_per_call(z.device, len(z), min(tile, h) * min(tile, w), max_pixels)
+        return progress.attempt(lambda: model.decode(z, steps=steps, sampler=sampler, shift=shift, noise=noise,
+                                                     tile=tile, overlap=overlap, chunk=chunk, on_step=progress))
+
+    if tile:
+        return run(tile, overlap), ""
     why_tiled = f"{w}x{h} is over the pixel budget of {mega(max_pixels)} per image decoded whole" \
         if max_pixels and h * w > max_pixels else ""
     if not why_tiled:
         try:
-            return model.decode(z, **kwargs), ""
+            return run(None, overlap), ""
         except (MemoryError, RuntimeError) as exc:
             if len(z) > 1 or not is_out_of_memory(exc):
                 raise
             why_tiled = f"out of memory decoding {w}x{h} whole"
         if z.device.type == "cuda":  # outside the except block: the traceback no longer pins the failed tensors
             torch.cuda.empty_cache()
-    tile, kwargs["overlap"] = fallback_tiling(model, overlap)
-    note = f"{why_tiled}; decoded in {tile}-pixel tiles (as --tile {tile} --overlap {kwargs['overlap']})"
-    return model.decode(z, tile=tile, **kwargs), note
+    tile, overlap = fallback_tiling(model, overlap)
+    note = f"{why_tiled}; decoded in {tile}-pixel tiles (as --tile {tile} --overlap {overlap})"
+    return run(tile, overlap), note
+
+
+class _Progress:
+    """``on_step`` across retries: the steps of an `attempt` that failed are done again by whatever retries it,
+    and are not counted twice, so a progress count ends at its total instead of overshooting it."""
+
+    def __init__(self, on_step: Callable[[int], None] | None):
+        self.on_step, self.made, self.redo = on_step, 0, 0
+
+    def attempt(self, fn: Callable[[], T]) -> T:
+        start = self.made
+        try:
+            return fn()
+        except BaseException:
+            self.redo += self.made - start
+            raise
+
+    def __call__(self, n: int) -> None:
+        self.made += n
+        repeated = min(n, self.redo)
+        self.redo -= repeated
+        if n > repeated and self.on_step is not None:
+            self.on_step(n - repeated)
 
 
 def summarize(items: Iterable[Item]) -> dict[str, list[Item]]:

@@ -33,9 +33,10 @@ def save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def plot_curve(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("fid", "precision", "recall")) -> None:
+def plot_curve(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("fid", "precision", "recall")):
     """The generation benchmark's curve: one panel per metric against DiT training step, one line per tokenizer.
-    ``rows`` are curve.csv's (tokenizer, step, and the metrics); non-finite values are left out."""
+    ``rows`` are curve.csv's (tokenizer, step, and the metrics); non-finite values are left out. Returns the
+    figure it saved."""
     names = list(dict.fromkeys(r["tokenizer"] for r in rows))
     fig = figure(4.2 * len(metrics), 3.6)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -54,12 +55,14 @@ def plot_curve(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("fid", 
     if names:
         axes[0].legend(fontsize="small")
     save(fig, path)
+    return fig
 
 
-def plot_latent_sweep(rows: list[dict], path: Path, title: str = "") -> None:
+def plot_latent_sweep(rows: list[dict], path: Path, title: str = ""):
     """Reconstruction quality against latent size: PSNR and LPIPS panels, one line per family (the paper's
     Table 2 as a figure). ``rows``: dicts with ``latent`` (values per image), ``family`` and ``psnr``/``lpips``;
-    the x axis is logarithmic in latent size, smallest latent on the right, as the sweep goes."""
+    the x axis is logarithmic in latent size, smallest latent on the right, as the sweep goes. Returns the
+    figure it saved."""
     families = list(dict.fromkeys(r["family"] for r in rows))
     names = {"dgae": "DGAE", "sdvae": "SD-VAE"}
     fig = figure(8.4, 3.6)
@@ -81,3 +84,4 @@ def plot_latent_sweep(rows: list[dict], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize="medium")
     save(fig, path)
+    return fig

@@ -9,8 +9,10 @@ the whole image is reproduced exactly.
 DGAE blends the U-Net's *velocities* over the tiles at every ODE step (MultiDiffusion, Bar-Tal et al. 2023):
 all tiles integrate one shared image, so they agree with each other by construction and no seam can form at
 the end. SD-VAE's deterministic decoder and the encoder run once, so their tiles are blended once, on the
-output (diffusers' ``enable_tiling``). Memory then grows with the tile size and ``chunk`` (tiles per network
-call), plus a few 3-channel (or latent-sized) full-image tensors, instead of with the image's activations.
+output (diffusers' ``enable_tiling``). Memory then grows with what one network call holds, ``chunk`` tiles of
+each image in the batch (chunk x batch x tile^2 pixels), plus a few 3-channel (or latent-sized) full-image
+tensors, instead of with the image's activations. The folder jobs (`dgaetok.pipeline`) take one tile per call
+on the CPU and, on a GPU, as many as keep a call within the pixel budget (`pipeline.tiles_per_call`).
 
 Where tiled differs from whole: each tile sees only itself, so GroupNorm statistics, attention and the
 networks' zero padding at tile edges are per tile. The blend hides the edges; the per-tile statistics remain.
@@ -102,19 +104,25 @@ class TileGrid:
         """The normalised (tile_h, tile_w) weight of one tile; summed over all tiles it is 1 everywhere."""
         return self._weights[box]
 
-    def blend(self, fn: Callable[[list[Box]], torch.Tensor], out: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    def blend(self, fn: Callable[[list[Box]], torch.Tensor], out: torch.Tensor, chunk: int = 8,
+              full_chunks: bool = False) -> torch.Tensor:
         """Fill ``out`` (B, C, height, width) with the weighted sum over tiles of ``fn(boxes)``.
 
         ``fn`` returns its tiles' values stacked tile-major, (len(boxes) * B, C, tile_h, tile_w); it is called
         with at most ``chunk`` tiles at a time, which bounds the memory of whatever it computes.
+        The tiles are split into as few calls as ``chunk`` allows, of sizes that differ by one at most;
+        ``full_chunks`` fills the last up to the others' size with repeats of its last tile (whose values are
+        dropped), so that ``fn`` sees one shape per grid: a compiled network compiles once for it.
         """
         out.zero_()
         b = out.shape[0]
+        calls = math.ceil(len(self.boxes) / max(1, chunk))
+        chunk = math.ceil(len(self.boxes) / calls)
         if next(iter(self._weights.values())).device != out.device:  # moved once, not at every step
             self._weights = {box: w.to(out.device) for box, w in self._weights.items()}
-        for i in range(0, len(self.boxes), max(1, chunk)):
+        for i in range(0, len(self.boxes), chunk):
             boxes = self.boxes[i:i + chunk]
-            values = fn(boxes)
+            values = fn(boxes + boxes[-1:] * (chunk - len(boxes)) if full_chunks else boxes)
             for j, (top, left) in enumerate(boxes):
                 region = out[:, :, top:top + self.tile_h, left:left + self.tile_w]
                 region += self.weight((top, left)) * values[j * b:(j + 1) * b]

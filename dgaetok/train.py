@@ -141,7 +141,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
-@torch.no_grad()
 def ema_decay_at(step: int, decay: float) -> float:
     """EMA decay warmed up as (1 + step) / (10 + step), so short runs are not dominated by the initial weights."""
     return min(decay, (1 + step) / (10 + step))

@@ -871,6 +871,10 @@ def test_help_names_arguments_and_describes_every_option():
         options = re.findall(r"│ [ *] +(--[a-z-]+)(?: +-\w)? +(?:<[^>]+>(?: \[[^]]+\])?)? *(\S.*?)? *│", help_text)
         described = {name for name, text in options if text}
         assert {"--overwrite", "--device", "--max-pixels", "--output"} <= described, options
+    for command in ("weights fetch", "weights list"):  # the sub-app formats its commands' help alike
+        result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "<bool>" not in result.output, result.output
+        assert re.search(r"--cache +<path> +Cache folder", result.output), result.output
 
 
 # --- the real console command -----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ training (90 s at most), and the slow ones (compilation) after it, as time allow
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from dgaetok.cli import app
 from dgaetok.data import DeviceImages, DrawSampler, ImageFolder
 from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
-from dgaetok.models import load_model
+from dgaetok.models import build_model, load_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +72,27 @@ def test_device_images_on_the_gpu_make_the_folders_batches(train_photos):
 
 
 def test_train_on_cuda_for_three_steps(tmp_path, train_photos):
+    """Plain, and with the data on the device in two micro-batches: a finite loss logged at each of the 3 steps,
+    saved EMA weights that are finite and have moved from the initial ones, a checkpoint at step 3, and a sample
+    grid that is a picture rather than a flat fill."""
     out = tmp_path / "run"
     args = ["train", str(train_photos), "--out", str(out), "--preset", "dgae-t", "--resolution", "32", "-f", "8",
             "-c", "4", "--batch-size", "4", "--steps", "3", "--lpips-weight", "0", "--log-every", "1",
-            "--sample-every", "3", "--sample-steps", "2", "--workers", "0", "--device", "cuda"]
+            "--sample-every", "3", "--sample-steps", "2", "--workers", "0", "--device", "cuda", "--seed", "0"]
     for extra in ([], ["--data-on-device", "--accum", "2"]):
         shutil.rmtree(out, ignore_errors=True)
         result = CliRunner().invoke(app, args + extra)
         assert result.exit_code == 0, result.output
-        assert (out / "model.safetensors").is_file() and len((out / "log.jsonl").read_text().splitlines()) == 3
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log), log
+        saved = load_model(out / "model.safetensors")
+        torch.manual_seed(0)  # train's initial weights: --seed 0, built on the CPU before moving to the GPU
+        init = build_model(saved.config)
+        assert all(torch.isfinite(p).all() for p in saved.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), init.state_dict().values()))
+        with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as fh:
+            assert fh.metadata()["step"] == "3"
+        assert np.asarray(Image.open(out / "samples" / "step-0000003.png")).std() > 1
 
 
 def test_torchrun_with_nccl_at_world_size_one(tmp_path, train_photos):

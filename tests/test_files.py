@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from dgaetok.errors import InputError, TooLarge
 from dgaetok.files import (IMAGE_SUFFIXES, LATENT_FORMAT, atomic_path, center_crop, describe_failure, display_name,
-                           find_files, open_image, pad_to_multiple, padding_of, prepare_output_dir, read_latent,
-                           resize_shorter_side, to_tensor, to_uint8, unpad, walk_files, write_latent)
+                           find_files, is_out_of_memory, open_image, pad_to_multiple, padding_of, prepare_output_dir,
+                           read_latent, resize_shorter_side, to_tensor, to_uint8, unpad, walk_files, write_latent)
 
 
 def leftovers(folder) -> list[str]:
@@ -423,3 +423,18 @@ def test_prepare_output_dir(tmp_path):
     with pytest.raises(InputError, match="not writable"):
         prepare_output_dir(afile / "sub")
     assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (MemoryError(), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 400000000000 bytes"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+    (RuntimeError("could not create a primitive"), True),  # oneDNN under a memory limit
+    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"), False),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), False),
+    (ValueError("bad value"), False),
+])
+def test_is_out_of_memory(exc, expected):
+    assert is_out_of_memory(exc) is expected

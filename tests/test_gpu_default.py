@@ -6,6 +6,7 @@ OUT, into a scratch weights folder: join, score, decide, card.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data):
+def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data, monkeypatch):
     pack, out, work, weights = tmp_path / "pack", tmp_path / "out", tmp_path / "work", tmp_path / "weights"
     made = run("scripts/make_gpu_pack.py", "--data", str(shared_data / "train"), "--limit", "6", "--out", str(pack),
                "--no-wheels")
@@ -70,3 +71,22 @@ def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data):
     if replaced:
         new = load_model(weights / "default.safetensors")
         assert new.config.preset == "dgae-t" and new.encoder.conv_in.weight.dtype == torch.float32
+
+    # the rule, with constructed scores: replace only when PSNR and LPIPS both improve
+    spec = importlib.util.spec_from_file_location("gpu_default_collect", ROOT / "scripts" / "gpu_default_collect.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    current = weights / "default.safetensors"
+    monkeypatch.setenv("DGAETOK_WEIGHTS", str(weights))
+    monkeypatch.setattr(sys, "argv", ["gpu_default_collect.py", str(out), "--runs", str(tmp_path / "runs")])
+    base = next(iter(scores.values()))
+    for psnr, lpips, becomes in ((21.0, 0.25, True), (21.0, 0.35, False), (19.0, 0.25, False), (20.0, 0.30, False)):
+        shutil.copy(tmp_path / "tiny-5.safetensors", current)
+        (weights / "README.md").write_text("# card\n")
+        (weights / "scores.json").unlink()
+        monkeypatch.setattr(collect, "score", lambda path, *args: {
+            **base, **({"psnr": 20.0, "lpips": 0.30} if path == current else {"psnr": psnr, "lpips": lpips})})
+        assert collect.main() == 0
+        (candidate,) = (tmp_path / "runs").glob("*/model.safetensors")
+        assert file_sha256(current) == (file_sha256(candidate) if becomes else before), (psnr, lpips)
+        assert (weights / "README.md").read_text().splitlines()[-2].endswith("| yes |" if becomes else "| no |")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import dgaetok.models as models
 import dgaetok.pipeline as pipeline
 from dgaetok.errors import InputError, TooLarge
 from dgaetok.files import write_latent
@@ -119,3 +122,75 @@ def test_latents_refused_before_their_data_is_read(tmp_path, tiny_model_file):
     check_latent(big, path, (4, 6, 8), {})
     with pytest.raises(InputError, match=r"\(4, 7, 8\); this model decodes sides that are multiples of 2"):
         check_latent(big, path, (4, 7, 8), {})
+
+
+def test_progress_does_not_count_a_failed_attempts_steps_twice(tmp_path, latents, tiny_model_file):
+    """A batch that fails after a step is redone image by image, and an image that runs out of memory whole
+    after a step is redone in tiles: the count still ends at images x steps, as a progress bar's total."""
+    model = load_model(tiny_model_file)
+    real_decode = model.decode
+
+    def decode(z, on_step=None, tile=None, **kw):
+        if tile is None and (len(z) > 1 or marked(z).any()):
+            on_step(len(z))  # one step made, then it fails
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_decode(z, on_step=on_step, tile=tile, **kw)
+
+    model.decode = decode
+    steps = []
+    result = run(model, latents, tmp_path / "out", batch_size=4, on_step=steps.append)
+    assert len(result["done"]) == 5 and "decoded in 64-pixel tiles" in result["done"][2].note
+    assert sum(steps) == 5 * 2 and min(steps) > 0
+
+
+def gpu_rule(device, batch: int) -> int:
+    return batch  # models.images_per_call on a GPU: the whole batch in one call
+
+
+def test_tiled_calls_keep_to_the_pixel_budget_on_a_gpu(tmp_path, tiny_model_file, monkeypatch):
+    """With a GPU's rule of one call per batch, a tiled decode or encode of a batch that fills the pixel budget
+    puts at most that budget through the network per call (tiles x images x tile pixels): the batch was sized by
+    whole images, so the tiles per call are sized by it too."""
+    monkeypatch.setattr(pipeline, "images_per_call", gpu_rule, raising=False)
+    monkeypatch.setattr(models, "images_per_call", gpu_rule)
+    model = load_model(tiny_model_file)
+    calls = []
+    for net in (model.encoder, model.decoder):
+        net.register_forward_pre_hook(lambda net, args: calls.append(args[0].shape[0] * args[0][0, 0].numel()))
+    budget = 4 * 64 * 64  # four 64x64 images: 9 tiles of 32 px each at --tile 32 --overlap 8
+    pipeline.decode_batch(model, torch.zeros(4, 4, 8, 8), pipeline.seeded_noise(0, 64, 64, 4), 1, "euler", 1.0,
+                          tile=32, overlap=8, max_pixels=budget)
+    assert calls and max(calls) <= budget, calls
+    calls.clear()
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    job = pipeline.encode_job(src, tmp_path / "z")
+    result = summarize(pipeline.encode_folder(model, job, src, batch_size=4, keep_size=True, workers=0,
+                                              max_pixels=budget, tile=32, overlap=8))
+    assert len(result["done"]) == 4 and calls and max(calls) <= budget, calls
+
+
+def test_tiled_encoding_follows_decoding(tmp_path, tiny_model_file):
+    """One tile per call on the CPU, as decoding; and with --tile, images up to 16 x the pixel budget, which
+    without it are refused with a pointer to --tile."""
+    model = load_model(tiny_model_file)
+    calls = []
+    model.encoder.register_forward_pre_hook(lambda net, args: calls.append(len(args[0])))
+    x = torch.zeros(2, 3, 64, 64)
+    model.encode(x, tile=32, overlap=8)
+    assert calls == [2] * 9
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(src / "a.png")
+    encode = lambda out, max_pixels, tile=None: summarize(pipeline.encode_folder(  # noqa: E731
+        model, pipeline.encode_job(src, tmp_path / out), src, keep_size=True, workers=0, max_pixels=max_pixels,
+        tile=tile, overlap=8))
+    assert len(encode("tiled", 96 * 64 // 10, tile=32)["done"]) == 1
+    [whole] = encode("whole", 96 * 64 // 10)["failed"]
+    assert whole.error.endswith("(or encode it in tiles with --tile, up to 16 x the budget)"), whole.error
+    [over] = encode("over", 96 * 64 // 20, tile=32)["failed"]
+    assert over.error == (f"{src / 'a.png'}: the image to encode is 6,144 pixels, over 16 x the pixel budget of 307 "
+                          "per image, the most it encodes even in tiles; raise it with --max-pixels")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,13 +16,45 @@ ROWS = [{"tokenizer": t, "step": s, "fid": f, "sfid": f / 2, "precision": p, "re
                                                                            (2400, 120 * k, float("nan")))]
 
 
-def test_curve_and_latent_sweep_figures(tmp_path):
-    plot_curve(ROWS, tmp_path / "curve.png")
+def lines(ax) -> dict[str, list[tuple[float, float]]]:
+    return {line.get_label(): list(zip(*map(list, line.get_data()))) for line in ax.get_lines()}
+
+
+def drawn(path) -> np.ndarray:
+    """The PNG's pixels that are neither white nor grey: what the lines and markers put there."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return (rgb.max(axis=2) - rgb.min(axis=2)) > 60
+
+
+def test_curve_figure_draws_each_tokenizers_finite_points(tmp_path):
+    fig = plot_curve(ROWS, tmp_path / "curve.png")
     assert Image.open(tmp_path / "curve.png").size == (1260, 360)  # three panels of 4.2 x 3.6 inches at 100 dpi
-    rows = [{"latent": lat, "family": fam, "psnr": 20 + i, "lpips": 0.5 - i / 10}
+    fid, precision, recall = fig.axes
+    assert lines(fid) == {"default": [(800, 200.0), (1600, 150.0), (2400, 120.0)],
+                          "c8-sdvae": [(800, 260.0), (1600, 195.0), (2400, 156.0)]}
+    assert lines(precision)["default"] == [(800, 0.2), (1600, 0.3)]  # the NaN at step 2400 is left out
+    assert lines(recall)["c8-sdvae"] == [(800, 0.1), (1600, 0.15)]
+    assert precision.get_ylim() == recall.get_ylim() == (0, 1) and fid.get_xlabel() == "DiT training step"
+    assert [t.get_text() for t in fid.get_legend().get_texts()] == ["default", "c8-sdvae"]
+    assert [ax.get_title() for ax in fig.axes] == ["gFID (lower is better)", "precision", "recall"]
+    colour = drawn(tmp_path / "curve.png")
+    assert all(colour[:, i * 420:(i + 1) * 420].sum() > 200 for i in range(3))  # every panel has its lines
+
+
+def test_latent_sweep_figure(tmp_path):
+    rows = [{"latent": lat, "family": fam, "psnr": 20 + i + (fam == "dgae"), "lpips": 0.5 - i / 10}
             for fam in ("sdvae", "dgae") for i, lat in enumerate((4096, 2048, 1024))]
-    plot_latent_sweep(rows, tmp_path / "table2.png", title="DGAE vs SD-VAE")
+    fig = plot_latent_sweep(rows, tmp_path / "table2.png", title="DGAE vs SD-VAE")
     assert Image.open(tmp_path / "table2.png").size == (840, 360)
+    psnr, lpips = fig.axes
+    assert lines(psnr) == {"SD-VAE": [(1024, 22), (2048, 21), (4096, 20)],
+                           "DGAE": [(1024, 23), (2048, 22), (4096, 21)]}
+    assert lines(lpips)["DGAE"] == [(1024, 0.3), (2048, 0.4), (4096, 0.5)]
+    for ax in (psnr, lpips):  # log2 latent sizes, the smallest on the right
+        assert ax.get_xscale() == "log" and ax.xaxis_inverted()
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1024", "2048", "4096"]
+    assert fig.get_suptitle() == "DGAE vs SD-VAE"
+    assert drawn(tmp_path / "table2.png").sum() > 200
     assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file
 
 

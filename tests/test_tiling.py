@@ -8,6 +8,7 @@ in a subprocess.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from dgaetok.errors import InputError
 from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
-from dgaetok.models import DGAE, DGAE_T, SDVAE, SDVAE_T, load_model
+from dgaetok.models import DGAE, DGAE_S2, DGAE_T, SDVAE, SDVAE_T, load_model
 from dgaetok.tiling import TileGrid, check_tiling, ramp, seam_ratio, tile_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,15 +131,32 @@ def test_one_tile_covering_the_image_is_the_whole_decode(tiny):
     torch.testing.assert_close(tiny.decode(z, steps=2, noise=noise, tile=128), whole, rtol=0, atol=1e-5)
 
 
-def test_tile_conditions_are_the_whole_images_features(tiny, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_p2():
+    """dgae-s2's structure (a U-Net on 2x2 patches, three downsamplings: size multiple 16) at tiny widths."""
+    config = dataclasses.replace(DGAE_S2(resolution=64, downsample=8, latent_channels=4), unet_channels=32,
+                                 preset="")
+    assert config.unet_patch == 2
+    return seeded_model(DGAE, config)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_p2"])
+def test_tile_conditions_are_the_whole_images_features(which, request, monkeypatch):
     """With a U-Net that returns its condition features, tiled and whole velocities must agree exactly: each
-    tile's features, from its latent slice and a one-pixel halo, equal the whole image's under the tile."""
+    tile's features, from its latent slice and a one-pixel halo, equal the whole image's under the tile (at
+    the U-Net's working size, which a 2x2 patch U-Net halves: the halo is then f / 2 of its pixels)."""
+    model = request.getfixturevalue(which)
+    p = model.config.unet_patch
     z = torch.randn(1, 4, 12, 20, generator=torch.Generator().manual_seed(3))
     x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(4))
     t = torch.full((1,), 0.5)
-    monkeypatch.setattr(tiny.decoder, "forward", lambda x, t, cond: cond[:, :3] * 1.0)
-    whole = tiny.decoder(x, t, tiny.condition(z))
-    tiled = tiny.tiled_velocity(z, tile=64, overlap=16)(x, t)
+    # features (B, C, H/p, W/p) back at pixel size: p x p pixels per feature, as the U-Net's unpatchify puts them
+    monkeypatch.setattr(model.decoder, "forward",
+                        lambda x, t, cond: F.interpolate(cond[:, :3], scale_factor=float(p), mode="nearest"))
+    whole = model.decoder(x, t, model.condition(z))
+    assert whole.shape == x.shape
+    tiled = model.tiled_velocity(z, tile=64, overlap=16)(x, t)
+    assert len(TileGrid(96, 160, 64, 16, model.size_multiple)) > 4
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-6)
 
 
@@ -153,10 +171,40 @@ def test_tiled_decode_is_seeded_by_the_whole_images_noise(tiny):
     torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
 
 
-def test_tiled_decoding_takes_any_shape_the_model_does(tiny):
-    z = torch.randn(1, 4, 3, 17, generator=torch.Generator().manual_seed(6))  # 24x136: one row of tiles
-    assert tiny.decode(z, steps=1, tile=64, overlap=16, generator=torch.Generator().manual_seed(0)).shape \
-        == (1, 3, 24, 136)
+@pytest.mark.parametrize("latent", [(3, 17), (5, 11), (9, 9)], ids=["24x136", "40x88", "72x72"])
+def test_tiled_decoding_takes_any_shape_the_model_does(tiny, monkeypatch, latent):
+    """Any shape the model decodes whole (one row of tiles, uneven grids) decodes in tiles to the same image
+    when the network's output at a pixel depends only on that pixel: the blend then adds nothing of its own."""
+    z = torch.randn(1, 4, *latent, generator=torch.Generator().manual_seed(6))
+    noise = torch.randn(1, 3, latent[0] * 8, latent[1] * 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tiny.decoder, "forward", lambda x, t, cond: cond[:, :3] - x * t.view(-1, 1, 1, 1))
+    whole = tiny.decode(z, steps=3, noise=noise)
+    tiled = tiny.decode(z, steps=3, noise=noise, tile=32, overlap=8)
+    assert tiled.shape == whole.shape == (1, 3, latent[0] * 8, latent[1] * 8)
+    assert len(TileGrid(*whole.shape[2:], 32, 8, tiny.size_multiple)) > 1 and whole.std() > 0.1
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+
+
+def test_compiled_networks_see_one_tile_count_per_grid(tiny, monkeypatch):
+    """9 tiles at 2 per call: 2, 2, 2, 2, 1; a compiled network (which compiles once per input shape) gets the
+    last call filled up with a repeat, whose values are dropped, so the image is the same."""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10))
+    noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    calls = []
+    hook = tiny.decoder.register_forward_pre_hook(lambda net, args: calls.append(len(args[0])))
+    eager = tiny.decode(z, steps=1, noise=noise, tile=32, overlap=8, chunk=2)
+    assert calls == [2, 2, 2, 2, 1]
+    calls.clear()
+    monkeypatch.setattr(tiny, "compiled", True, raising=False)  # as compile_networks leaves it, without compiling
+    full = tiny.decode(z, steps=1, noise=noise, tile=32, overlap=8, chunk=2)
+    hook.remove()
+    assert calls == [2] * 5
+    torch.testing.assert_close(full, eager, rtol=0, atol=1e-5)  # oneDNN's kernels differ by batch size in the last bit
+    grid = TileGrid(64, 64, 32, 8, 8)
+    sizes = []
+    grid.blend(lambda boxes: sizes.append(len(boxes)) or torch.zeros(len(boxes), 1, 32, 32),
+               torch.zeros(1, 1, 64, 64), chunk=4)
+    assert sizes == [3, 3, 3]  # as few calls as 4 per call allows, balanced
 
 
 # --- SD-VAE: tiles decoded once and blended; tiled encoding ------------------------------------------------------
@@ -226,7 +274,7 @@ def test_no_seam_along_tile_borders(photo_decodes):
 
 
 PEAK_RSS_SCRIPT = textwrap.dedent(r"""
-    import json, re, time
+    import json, re, sys, time
     from pathlib import Path
     import torch
     from dgaetok.models import DGAE, DGAEConfig
@@ -235,20 +283,32 @@ PEAK_RSS_SCRIPT = textwrap.dedent(r"""
     config = DGAEConfig(resolution=64, downsample=8, latent_channels=4, enc_channels=32, enc_res_blocks=1,
                         unet_channels=32, unet_ch_mult=(1, 1, 1, 1), unet_res_blocks=0)
     model = DGAE(config).eval().to(memory_format=torch.channels_last)  # as load_model returns models
-    z = torch.randn(1, 4, 256, 256)
+    size, tile = map(int, sys.argv[1:3])
+    z = torch.randn(1, 4, size // 8, size // 8)
     def mib(key):  # VmHWM, not ru_maxrss: a child's ru_maxrss starts from the RSS its parent had at fork
         return int(re.search(key + r":\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 1024
     before = mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = time.time()
-    x = model.decode(z, steps=1, generator=torch.Generator().manual_seed(0), tile=256, overlap=32, chunk=4)
+    x = model.decode(z, steps=1, generator=torch.Generator().manual_seed(0), tile=tile or None, overlap=32, chunk=4)
     print(json.dumps({"shape": list(x.shape), "before_mib": before, "peak_mib": mib("VmHWM"),
                       "seconds": time.time() - start}))
 """)
 
 
+def peak_rss(size: int, tile: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(size), str(tile)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout.splitlines()[-1])
+    assert stats["shape"] == [1, 3, size, size]
+    return stats
+
+
+@pytest.mark.slow
 def test_a_2048_pixel_decode_in_bounded_memory(tmp_path):
-    """A 2048x2048 tiled decode (256 px tiles, 4 per network call) adds under 1 GiB to the process's peak RSS.
+    """A 2048x2048 tiled decode (256 px tiles, 4 per network call) adds under 1 GiB to the process's peak RSS,
+    less than the same network decoding a quarter of those pixels (1024x1024) whole.
 
     The network is dgae-t's width (32 channels) with its attention at 1/8 scale and no residual blocks between
     resamplings, so that one step takes seconds rather than minutes on a CPU. Measured on the 2-core machine,
@@ -256,11 +316,9 @@ def test_a_2048_pixel_decode_in_bounded_memory(tmp_path):
     (noise, state, velocity: 48 MiB each at 2048 px), the rest follows the tile. The same network decoding
     whole adds 1.25 GiB at 1024 px and 4.3 GiB at 2048 px (one 32-channel activation alone is 512 MiB there).
     """
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    stats = json.loads(result.stdout.splitlines()[-1])
-    assert stats["shape"] == [1, 3, 2048, 2048]
-    assert stats["peak_mib"] - stats["before_mib"] < 1024, stats
+    tiled, whole = peak_rss(2048, 256), peak_rss(1024, 0)
+    added = {name: s["peak_mib"] - s["before_mib"] for name, s in (("tiled 2048", tiled), ("whole 1024", whole))}
+    assert added["tiled 2048"] < 1024 and added["tiled 2048"] < added["whole 1024"], added
 
 
 def test_the_fallback_tiles_at_the_models_resolution_with_an_overlap_it_allows():
