@@ -81,10 +81,10 @@ class GenConfig:
     limit: int | None = None  # only the first N images of DATA
     seed: int = 0
     device: str = "cpu"
-    precision: str = "auto"  # what the DiT and the tokenizer compute in (`dgaetok.precision`)
     latents: list[str | None] = field(default_factory=list)  # per tokenizer: a `dgaetok encode` folder, or None
     decode_shift: float = 1.0  # time-grid shift of the tokenizer's decoding (`flow.time_grid`; ignored by SD-VAE)
     defer_to: str | None = None  # a folder: write each evaluation's samples there, unscored (`score_deferred`)
+    precision: str = "auto"  # what the DiT and the tokenizer compute in (`dgaetok.precision`)
 
 
 @dataclass
