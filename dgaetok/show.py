@@ -79,16 +79,17 @@ def show(
     latent_file: str | os.PathLike,
     image: str | os.PathLike | None = None,
     model: Tokenizer | str | os.PathLike | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "euler",
-    shift: float = 1.0,
+    shift: float | None = None,
     seed: int = 0,
 ) -> Image.Image:
     """The latent of ``latent_file`` as a picture (`latent_picture`) at its image's size.
 
     With ``image`` (the file it was encoded from): original | latent | reconstruction, the reconstruction
     decoded by ``model`` (a loaded model or a file; default: the bundled one) exactly as ``dgaetok decode``
-    with the same ``steps``, ``sampler``, ``shift`` and ``seed`` would, tiled if it is large.
+    with the same ``steps``, ``sampler``, ``shift`` and ``seed`` would (None: the model's own), tiled if it is
+    large.
     """
     path = Path(latent_file)
     latent, meta = read_latent(path)
