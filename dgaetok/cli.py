@@ -322,6 +322,10 @@ def print_folder_summary(folder: Path) -> None:
         out.print(Text(printable(line)), soft_wrap=True)
 
 
+BATCH_HELP = "Global batch, split over processes, then into --accum micro-batches."
+ACCUM_HELP = "Gradient accumulation: micro-batches per process and step (the same update as that many processes)."
+
+
 @app.command()
 @user_errors
 def train(
@@ -337,9 +341,8 @@ def train(
     latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
                                                   help="Latent channels (default: the preset's, 8 for *-s)."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(96, help="Global batch, split over processes, then into --accum micro-batches."),
-    accum: int = typer.Option(1, min=1, help="Gradient accumulation: micro-batches per process and step (the same "
-                                             "update as that many processes)."),
+    batch_size: int = typer.Option(96, help=BATCH_HELP),
+    accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute residual and attention blocks "
                                          "in backward: much less activation memory for about a third more compute."),
     steps: int = typer.Option(100_000),
@@ -431,8 +434,8 @@ def distill(
                                       "weight times the same MSE + LPIPS mix against it."),
     resolution: int = typer.Option(256, help="Images are resized to this (shorter side) before cropping."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(32, help="Global batch, split over processes, then into --accum micro-batches."),
-    accum: int = typer.Option(1, min=1, help="Gradient accumulation: micro-batches per process and step."),
+    batch_size: int = typer.Option(32, help=BATCH_HELP),
+    accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute the U-Net's blocks in "
                                          "backward: less memory for K > 1 or large crops."),
     steps: int = typer.Option(5_000),

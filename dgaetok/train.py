@@ -44,8 +44,8 @@ from .errors import InputError
 from .files import atomic_path, save_grid
 from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
 from . import distill
-from .models import (ARCHS, MODELS, Tokenizer, autocast, build_model, file_sha256, load_encoder, read_model_file,
-                     resolve_model, save_model, synchronize)
+from .models import (ARCHS, MODELS, Tokenizer, autocast, build_model, config_of, file_sha256, load_encoder,
+                     read_model_file, resolve_model, save_model, synchronize)
 from .stats import measure_folder
 
 
@@ -120,8 +120,6 @@ class TrainConfig:
 
     def model_config(self):
         if self.teacher:
-            from .models import config_of, read_model_file, resolve_model
-
             path = resolve_model(self.teacher)
             return config_of(read_model_file(path)[0], path)
         if self.arch is not None and self.arch not in ARCHS:
@@ -193,7 +191,7 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
 
 # Settings that decide which images and noise each step sees: changing them breaks an exact resume. "shards" is
 # world * accum: a run may continue with another split of its shards (8 processes -> 1 with accum 8), which
-# changes only the float rounding of the summed gradients.
+# changes only the float rounding of the summed gradients. A distillation's targets also depend on its teacher.
 RESUME_KEYS = ("batch_size", "seed", "shards", "resolution", "crop", "teacher_hash")
 
 
