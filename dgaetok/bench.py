@@ -73,22 +73,25 @@ def rfid(
     model: Tokenizer,
     model_name: str,
     data: str | Path,
-    steps: list[int],
+    steps: list[int] | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     sampler: str = "euler",
-    shift: float = 1.0,
+    shift: float | None = None,
     lpips_net: str = "alex",
     grid: Path | None = None,
     grid_count: int = 8,
     resolution: int = 256,
     on_batch: Callable[[int], None] | None = None,
 ) -> RfidResult:
-    """Evaluate ``model`` on the images in ``data`` at each decode step count; ``on_batch(n)`` reports progress."""
+    """Evaluate ``model`` on the images in ``data`` at each decode step count (None: the model's own,
+    `Tokenizer.default_steps`, on its grid unless ``shift`` is given); ``on_batch(n)`` reports progress."""
     device = next(model.parameters()).device
     if model.single_step:  # one result, reported as the one pass it is, whatever step counts were asked
         steps = [1]
+    steps = steps or [model.default_steps]
+    shift = model.default_shift if shift is None else shift
     paths, images, skipped = eval_images(data, resolution, limit)
     f = model.config.downsample
     result = RfidResult(model_name, model.file_hash, str(data), len(images), resolution,

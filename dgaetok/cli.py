@@ -197,10 +197,20 @@ SHARDS_HELP = ("Write a latent dataset instead: N images per shard-NNNNN.safeten
                "processes.")
 
 
-def note_single_step(model) -> None:
+def note_single_step(model, *steps: int | None) -> None:
+    """Say what the model does with the step counts asked: SD-VAE ignores them, a distilled decoder was made for
+    another count."""
     if model.single_step:
         console.print(f"note: {model.config.arch} decodes in one step; --steps, --sampler, --shift and --seed "
                       "are ignored", highlight=False)
+    for note in dict.fromkeys(model.steps_note(n) for n in steps):
+        if note:
+            console.print(f"note: {note}", highlight=False)
+
+
+STEPS_HELP = "ODE steps (network calls for Euler; default: 50, or the K a distilled model was trained for)."
+SHIFT_HELP = ("Time-grid shift; > 1 spends more steps at high noise, < 1 near the image (default: 1, or a distilled "
+              "model's grid).")
 
 
 @app.command()
@@ -317,9 +327,9 @@ def decode(
     output: Path = typer.Option(..., "-o", "--output", help="Folder for the PNGs (mirrors SRC); for a single "
                                 "latent, a .png file path also works."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
-    steps: int = typer.Option(50, min=1, help="ODE steps (network calls for Euler)."),
+    steps: Optional[int] = typer.Option(None, min=1, help=STEPS_HELP),
     sampler: str = typer.Option("euler", help="euler or heun."),
-    shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift; > 1 spends more steps at high noise."),
+    shift: Optional[float] = typer.Option(None, min=0.01, help=SHIFT_HELP),
     seed: int = typer.Option(0, help="Noise seed: the same seed gives the same image on the same device."),
     batch_size: int = typer.Option(16, min=1, help=BATCH_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-decode latents whose PNG already exists."),
@@ -343,13 +353,13 @@ def decode(
     dev = pick_device(device)
     job = decode_job(src, output)
     m = load(model, dev, compile, precision)  # before the output folder exists, so a bad --model leaves nothing behind
-    note_single_step(m)
+    note_single_step(m, steps)
     if tile:
         check_tiling(tile, overlap, m.size_multiple)
     prepare_output_dir(job.out_dir)
     run_job(job, lambda on_step: decode_folder(m, job, steps, sampler, shift, seed, batch_size, overwrite,
                                                max_pixels=max_pixels, on_step=on_step, tile=tile, overlap=overlap),
-            "decode", 1 if m.single_step else steps)
+            "decode", 1 if m.single_step else steps or m.default_steps)
 
 
 @app.command()
@@ -358,7 +368,7 @@ def info(file: Path = typer.Argument(..., metavar="PATH",
                                      help="A model or latent .safetensors file, or a folder of latents.")):
     """Show what a model or latent file holds, or summarise a folder of latents."""
     from .files import LATENT_FORMAT, read_latent, safetensors_header
-    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_model_file, read_stats
+    from .models import FORMAT, DGAEConfig, build_model, file_sha256, read_distilled, read_model_file, read_stats
 
     if file.is_dir():
         return print_folder_summary(file)
@@ -382,6 +392,12 @@ def info(file: Path = typer.Argument(..., metavar="PATH",
         table.add_row("latent stats", "none (`dgaetok stats` adds them)" if stats is None else
                       f"scaling_factor {stats.scaling_factor:.6g}, shift_factor {stats.shift_factor:.6g} "
                       f"({stats.images} images)")
+        if (d := read_distilled(meta, file)) is not None:
+            table.add_row("decoding", f"distilled: {d.steps} Euler step(s) by default, times "
+                                      f"{', '.join(f'{t:.4g}' for t in d.grid)}; trained to match teacher "
+                                      f"{d.teacher} at {d.teacher_steps} steps (shift {d.teacher_shift:g})")
+        elif config.arch == "dgae":
+            table.add_row("decoding", "50 Euler steps by default, uniform grid")
         for key, value in sorted(meta.items()):
             if key != "latent_stats":  # shown above
                 table.add_row(Text(key), Text(training_data_name(value) if key == "data" else value))
@@ -424,6 +440,10 @@ def print_folder_summary(folder: Path) -> None:
         out.print(Text(printable(line)), soft_wrap=True)
 
 
+BATCH_HELP = "Global batch, split over processes, then into --accum micro-batches."
+ACCUM_HELP = "Gradient accumulation: micro-batches per process and step (the same update as that many processes)."
+
+
 @app.command()
 @user_errors
 def train(
@@ -440,9 +460,8 @@ def train(
     latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
                                                   help="Latent channels (default: the preset's, 8 for *-s)."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(96, help="Global batch, split over processes, then into --accum micro-batches."),
-    accum: int = typer.Option(1, min=1, help="Gradient accumulation: micro-batches per process and step (the same "
-                                             "update as that many processes)."),
+    batch_size: int = typer.Option(96, help=BATCH_HELP),
+    accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute residual and attention blocks "
                                          "in backward: much less activation memory for about a third more compute."),
     steps: int = typer.Option(100_000, help="Training steps (a larger value extends a resumed run)."),
@@ -484,7 +503,6 @@ def train(
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
-    from .train import train as run_training
 
     if not data.is_dir():
         raise InputError(f"{data}: no such folder")
@@ -500,12 +518,85 @@ def train(
         minutes=minutes, warm_start=str(warm_start) if warm_start else None, init_encoder=init_encoder,
         freeze_encoder=freeze_encoder, stats_images=stats_images, precision=precision,
     )
+    run_training(cfg)
+
+
+def run_training(cfg) -> None:
+    """`train.train` with the CLI's ending: where the model is, or how to resume after Ctrl-C."""
+    from .train import train as run
+
     try:
-        run_training(cfg)
+        run(cfg)
     except KeyboardInterrupt:
-        console.print(f"interrupted: checkpoint saved in {escape(str(out_dir))}; continue with --resume")
+        console.print(f"interrupted: checkpoint saved in {escape(cfg.out)}; continue with --resume")
         raise typer.Exit(130) from None
-    console.print(f"done: {escape(str(out_dir / 'model.safetensors'))}")
+    console.print(f"done: {escape(str(Path(cfg.out) / 'model.safetensors'))}")
+
+
+@app.command()
+@user_errors
+def distill(
+    teacher: str = typer.Argument(..., metavar="TEACHER", help="The DGAE model file (or a name in weights/) to "
+                                  "distil; the student starts as a copy of it."),
+    data: Path = typer.Argument(..., help="Folder of training images."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder: the student is model.safetensors there "
+                                 "(with checkpoint.safetensors and log.jsonl, as train's)."),
+    student_steps: int = typer.Option(1, min=1, help="K: the student's Euler steps (1, 2 or 4 make sense)."),
+    student_shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the student's K steps (no effect "
+                                        "for K = 1)."),
+    teacher_steps: int = typer.Option(8, min=2, help="Euler steps of the teacher's targets."),
+    teacher_shift: float = typer.Option(0.5, min=0.01, help="Time-grid shift of the teacher's steps (<1: more "
+                                        "steps near the image; 0.5 suits few steps)."),
+    mse_weight: float = typer.Option(1.0, min=0.0, help="Weight of the MSE between student and teacher images."),
+    lpips_weight: float = typer.Option(1.0, min=0.0, help="Weight of LPIPS between student and teacher images."),
+    lpips_net: str = typer.Option("vgg", help="LPIPS trunk of the loss: vgg (the paper's) or alex (cheaper)."),
+    real_weight: float = typer.Option(0.0, min=0.0, help="Also pull the student towards the real image: this "
+                                      "weight times the same MSE + LPIPS mix against it."),
+    resolution: int = typer.Option(256, help="Images are resized to this (shorter side) before cropping."),
+    crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
+    batch_size: int = typer.Option(32, help=BATCH_HELP),
+    accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute the U-Net's blocks in "
+                                         "backward: less memory for K > 1 or large crops."),
+    steps: int = typer.Option(5_000),
+    lr: float = typer.Option(1e-4),
+    min_lr: float = typer.Option(1e-5),
+    warmup: int = typer.Option(100),
+    ema_decay: float = typer.Option(0.999),
+    log_every: int = typer.Option(10),
+    ckpt_every: int = typer.Option(500),
+    sample_every: int = typer.Option(500),
+    workers: int = typer.Option(4, min=0, help="DataLoader worker processes decoding images."),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
+    data_on_device: bool = typer.Option(False, "--data-on-device", help="Decode the images once and keep them on "
+                                        "the device (small datasets)."),
+    minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget: stop then with a checkpoint; the "
+                                            "step count is set from the measured speed so the schedule ends there."),
+    stats_images: int = typer.Option(256, min=0, help="Latent statistics in the student's file, over this many "
+                                     "images of DATA (0: none)."),
+):
+    """Distil a DGAE decoder into a student that decodes in K steps (1 by default) what the teacher decodes in N.
+
+    The student keeps the teacher's encoder, frozen, so it decodes the teacher's latents; its file records the
+    teacher and K, and decodes in K steps by default. Runs under torchrun like train.
+    """
+    from .train import TrainConfig
+
+    if not data.is_dir():
+        raise InputError(f"{data}: no such folder")
+    run_training(TrainConfig(
+        data=str(data), out=str(out_dir), teacher=teacher, teacher_steps=teacher_steps, teacher_shift=teacher_shift,
+        student_steps=student_steps, student_shift=student_shift, mse_weight=mse_weight, lpips_weight=lpips_weight,
+        lpips_net=lpips_net, real_weight=real_weight, resolution=resolution, crop=crop, batch_size=batch_size,
+        accum=accum, grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup,
+        ema_decay=ema_decay, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, workers=workers,
+        seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device, minutes=minutes,
+        stats_images=stats_images, precision=precision,
+    ))
 
 
 @app.command()
@@ -592,9 +683,11 @@ def show(
     image: Optional[Path] = typer.Option(None, "--image", help="The image the latent was encoded from: draw "
                                          "original | latent | reconstruction side by side."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for the reconstruction (with --image)."),
-    steps: int = typer.Option(50, min=1, help="ODE steps of the reconstruction."),
+    steps: Optional[int] = typer.Option(None, min=1, help="ODE steps of the reconstruction (default: the "
+                                        "model's, as decode)."),
     sampler: str = typer.Option("euler", help="euler or heun."),
-    shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the reconstruction."),
+    shift: Optional[float] = typer.Option(None, min=0.01, help="Time-grid shift of the reconstruction (default: "
+                                          "the model's)."),
     seed: int = typer.Option(0, help="Noise seed of the reconstruction (the same image as `decode --seed`)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -614,9 +707,9 @@ def show(
     if m is None:
         picture = draw(file)
     else:
-        note_single_step(m)
+        note_single_step(m, steps)
         with make_progress("show", console, "steps") as progress:
-            task = progress.add_task("show", total=1 if m.single_step else steps)
+            task = progress.add_task("show", total=1 if m.single_step else steps or m.default_steps)
             picture = draw(file, image, m, steps, sampler, shift, seed, lambda n: progress.advance(task, n))
     try:
         with atomic_path(output) as tmp:
@@ -661,11 +754,13 @@ app.add_typer(bench_app, name="bench")
 def bench_rfid(
     data: Path = typer.Argument(..., help="Folder of evaluation images (e.g. 500 ImageNet validation images)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model file, or a name in weights/."),
-    steps: list[int] = typer.Option([50], "--steps", help="Decode step counts; repeat for several."),
+    steps: list[int] = typer.Option([], "--steps", help="Decode step counts; repeat for several (default: 50, or "
+                                                       "the K a distilled model was trained for)."),
     limit: Optional[int] = typer.Option(None, min=2, help="Only the first N images."),
     batch_size: int = typer.Option(16, min=1, help=BATCH_HELP),
     sampler: str = typer.Option("euler", help="euler or heun."),
-    shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift; > 1 spends more steps at high noise."),
+    shift: Optional[float] = typer.Option(None, min=0.01, help="Time-grid shift (default: 1, or a distilled "
+                                          "model's grid)."),
     seed: int = typer.Option(0, help="Noise seed of the decodes."),
     lpips_net: str = typer.Option("alex", help="LPIPS trunk for the metric: alex (usual) or vgg."),
     resolution: int = typer.Option(256, help="Evaluation size: shorter side resized to this, then centre-cropped."),
@@ -681,11 +776,11 @@ def bench_rfid(
 
     dev = pick_device(device)
     m = load(model, dev, compile, precision)
-    note_single_step(m)
+    note_single_step(m, *steps)
     prepare_output_dir(output)
     n_images = min(limit or sys.maxsize, len(find_files(data, IMAGE_SUFFIXES)))  # for the bar; unreadable ones drop
     with make_progress("bench rfid", console, "images") as progress:
-        task = progress.add_task("decode", total=n_images * len(steps))
+        task = progress.add_task("decode", total=n_images * max(1, len(steps)))
         result = rfid(m, str(resolve_model(model)), data, steps, limit, batch_size, seed, sampler, shift, lpips_net,
                       output / "rfid-grid.png", resolution=resolution, on_batch=lambda n: progress.advance(task, n))
     write_json(result, output / "rfid.json")
@@ -721,9 +816,11 @@ def bench_gen(
     ema_decay: float = typer.Option(0.9999, min=0.0, max=1.0, help="Decay of the DiT's EMA, which is sampled."),
     sample_steps: int = typer.Option(50, min=1, help="Euler steps of the DiT's flow when sampling."),
     cfg: float = typer.Option(1.0, help="Classifier-free guidance scale (1: none, as the paper reports)."),
-    decode_steps: int = typer.Option(50, min=1, help="Tokenizer decode steps (ignored by SD-VAE)."),
-    decode_shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the tokenizer's decoding (<1: "
-                                       "more steps near the image; 0.5 suits few steps)."),
+    decode_steps: Optional[int] = typer.Option(None, min=1, help="Tokenizer decode steps (default: 50, or a "
+                                               "distilled tokenizer's K; ignored by SD-VAE)."),
+    decode_shift: Optional[float] = typer.Option(None, min=0.01, help="Time-grid shift of the tokenizer's decoding "
+                                                 "(<1: more steps near the image; 0.5 suits few steps; default: 1, "
+                                                 "or a distilled tokenizer's grid)."),
     unconditional: bool = typer.Option(False, help="Ignore folder labels."),
     limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),
     seed: int = typer.Option(0, help="Seed of the DiT training and its samples."),

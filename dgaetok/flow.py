@@ -52,9 +52,15 @@ def sample(velocity: Velocity, noise: torch.Tensor, steps: int, sampler: str = "
     because the correction would evaluate the network at t = 0 exactly. ``on_step(i)`` is called after step i
     (1 to ``steps``), for progress bars.
     """
+    return integrate(velocity, noise, time_grid(steps, shift).tolist(), sampler, on_step)
+
+
+def integrate(velocity: Velocity, noise: torch.Tensor, grid: list[float], sampler: str = "euler",
+              on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """`sample` on an explicit time ``grid`` (host floats from 1 down to 0), with autograd left as the caller has
+    it: a distilled student (`dgaetok.distill`) is trained through its few steps."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    grid = time_grid(steps, shift).tolist()  # host floats: no device sync per step, nothing for CUDA graphs to track
     x = noise
     n = noise.shape[0]
 

@@ -76,13 +76,13 @@ class GenConfig:
     ema_decay: float = 0.9999
     sample_steps: int = 50  # Euler steps of the DiT's flow
     cfg: float = 1.0  # 1: no classifier-free guidance (what the paper reports)
-    decode_steps: int = 50
+    decode_steps: int | None = None  # None: each tokenizer's own (`Tokenizer.default_steps`: 50, a distilled K)
     conditional: bool = True  # False: ignore folder labels
     limit: int | None = None  # only the first N images of DATA
     seed: int = 0
     device: str = "cpu"
     latents: list[str | None] = field(default_factory=list)  # per tokenizer: a `dgaetok encode` folder, or None
-    decode_shift: float = 1.0  # time-grid shift of the tokenizer's decoding (`flow.time_grid`; ignored by SD-VAE)
+    decode_shift: float | None = None  # time-grid shift of the decoding (`flow.time_grid`; None: the tokenizer's)
     defer_to: str | None = None  # a folder: write each evaluation's samples there, unscored (`score_deferred`)
     precision: str = "auto"  # what the DiT and the tokenizer compute in (`dgaetok.precision`)
 
@@ -441,6 +441,8 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
     latent_dirs = list(cfg.latents) + [None] * (len(cfg.tokenizers) - len(cfg.latents))
     for name, model_name, latent_dir in zip(names, cfg.tokenizers, latent_dirs):
         tokenizer = load_model(model_name, device, precision=cfg.precision)
+        if note := tokenizer.steps_note(cfg.decode_steps):
+            log(f"note: {name}: {note}")
         res = tokenizer.config.resolution
         files, images, skipped, key = reference_images(cfg, res, loaded)
         result.skipped += [m for m in skipped if m not in result.skipped]  # unreadable files: reported
@@ -608,7 +610,8 @@ def score_deferred(cfg: GenConfig, files: list[str | Path], log: Callable[[str],
             log(f"reference features ({len(images)} images at {res} px)")
             refs[res] = reference_features(inception, images, out / f"reference-{res}.npz", key, cfg.batch_size)
         z, meta = read_samples(path)
-        log(f"{name}: scoring step {step} ({len(z)} samples, {cfg.decode_steps} decode steps)")
+        decode_steps = cfg.decode_steps or tokenizer.default_steps
+        log(f"{name}: scoring step {step} ({len(z)} samples, {decode_steps} decode steps)")
         m = score_samples(tokenizer, z, inception, *refs[res], cfg, out / name / "samples" / f"step-{step:07d}.png")
         row = {"tokenizer": name, "step": step, "train_s": round(meta["train_s"], 3), "samples": len(z), **m}
         rows.append(row)

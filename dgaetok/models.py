@@ -92,6 +92,24 @@ class DGAEConfig(JsonConfig):
         return (self.latent_channels, side, side)
 
 
+@dataclass(frozen=True)
+class Distilled(JsonConfig):
+    """What a distilled decoder is (`dgaetok.distill`), as its model file's ``distilled`` metadata records it: it
+    was trained to produce in ``steps`` Euler steps on its time ``grid`` (``shift``) what the model file whose
+    sha256 starts with ``teacher`` produces in ``teacher_steps`` steps at ``teacher_shift``, from the same latent
+    and noise. Its encoder is the teacher's, so it decodes the teacher's latents."""
+
+    teacher: str
+    teacher_steps: int
+    teacher_shift: float
+    steps: int
+    shift: float = 1.0
+    grid: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", tuple(self.grid))
+
+
 @dataclass
 class EncoderOutput:
     latent_dist: DiagonalGaussian
@@ -121,11 +139,35 @@ class Tokenizer(nn.Module):
         self.latent_stats: LatentStats | None = None
         self.precision: str | Precision = "fp32"
         self.compiled = False  # compile_networks: tiles go through the networks in chunks of one size
+        self.distilled: Distilled | None = None  # a distilled decoder's record (its file's ``distilled`` metadata)
 
     def set_precision(self, precision: str | Precision) -> "Tokenizer":
         resolve(precision, "cpu")  # refuse unknown names here, not at the first encode
         self.precision = precision
         return self
+
+    @property
+    def default_steps(self) -> int:
+        """The decode step count when none is given: 50 (the paper's), a distilled decoder's own K, SD-VAE's 1."""
+        return 1 if self.single_step else self.distilled.steps if self.distilled else 50
+
+    @property
+    def default_shift(self) -> float:
+        """The time-grid shift when none is given: a distilled decoder's, else 1 (uniform)."""
+        return self.distilled.shift if self.distilled else 1.0
+
+    def steps_note(self, steps: int | None) -> str:
+        """A line for the user when ``steps`` overrides a distilled decoder's own K ("" otherwise)."""
+        d = self.distilled
+        if d is None or steps is None or steps == d.steps:
+            return ""
+        return (f"model {self.file_hash} is distilled to decode in {d.steps} step(s); decoding with {steps} as "
+                f"asked (leave out the step count to use {d.steps})")
+
+    def made(self, model_hash: str) -> bool:
+        """Whether latents recorded as made by ``model_hash`` are this model's to decode: its own, or its
+        teacher's when it is a distilled decoder (the same, frozen, encoder)."""
+        return model_hash in (self.file_hash, self.distilled.teacher if self.distilled else self.file_hash)
 
     def require_stats(self) -> LatentStats:
         if self.latent_stats is None:
@@ -292,9 +334,9 @@ class DGAE(Tokenizer):
     def decode(
         self,
         z: torch.Tensor,
-        steps: int = 50,
+        steps: int | None = None,
         sampler: str = "euler",
-        shift: float = 1.0,
+        shift: float | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         on_step: Callable[[int], None] | None = None,
@@ -304,6 +346,9 @@ class DGAE(Tokenizer):
     ) -> torch.Tensor:
         """Latents (B, c, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] by integrating the flow ODE from noise.
 
+        ``steps`` and ``shift`` default to `default_steps` and `default_shift`: 50 on the uniform grid, or the K
+        steps and grid a distilled decoder was trained for.
+
         ``noise`` fixes the starting point; otherwise it is drawn with ``generator`` (on the generator's device,
         then moved, so a CPU generator gives the same noise whatever device decodes). ``on_step(n)`` is called
         after every ODE step with the number of images that step advanced. Images go through the network
@@ -312,6 +357,8 @@ class DGAE(Tokenizer):
         over ``overlap`` pixels at every step (`tiled_velocity`); the noise is still one draw for the whole
         image, so a seed and a tile size give one image.
         """
+        steps = self.default_steps if steps is None else steps
+        shift = self.default_shift if shift is None else shift
         f = self.config.downsample
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
         if noise is None:
@@ -351,9 +398,9 @@ class SDVAE(Tokenizer):
     def decode(
         self,
         z: torch.Tensor,
-        steps: int = 1,
+        steps: int | None = 1,
         sampler: str = "euler",
-        shift: float = 1.0,
+        shift: float | None = 1.0,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         on_step: Callable[[int], None] | None = None,
@@ -571,6 +618,8 @@ def save_model(model: Tokenizer, path: str | os.PathLike, dtype: torch.dtype | N
     metadata = {"format": FORMAT, "config": model.config.to_json(), **meta}
     if model.latent_stats is not None:
         metadata["latent_stats"] = model.latent_stats.to_json()
+    if model.distilled is not None:
+        metadata["distilled"] = model.distilled.to_json()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -599,6 +648,16 @@ def read_stats(meta: dict[str, str], config: DGAEConfig, path: str | os.PathLike
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: unreadable latent statistics ({exc})") from None
     return check_stats(config, stats, path)
+
+
+def read_distilled(meta: dict[str, str], path: str | os.PathLike) -> Distilled | None:
+    """The ``distilled`` record in a model file's metadata; None for a model that is not a distilled decoder."""
+    if "distilled" not in meta:
+        return None
+    try:
+        return Distilled.from_json(meta["distilled"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable distillation record ({str(exc).splitlines()[0]})") from None
 
 
 def config_of(meta: dict[str, str], path: str | os.PathLike) -> DGAEConfig:
@@ -677,6 +736,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: torch.devi
     `COMPILE_MODES` mode for `Tokenizer.compile_networks` (None: eager); ``precision``: what encode and decode
     compute in (`dgaetok.precision`: "auto" is bf16 autocast where the device multiplies bf16 natively).
 
+    A distilled decoder (`dgaetok.distill`) comes back with its record in ``distilled``: its ``decode`` then
+    takes the K steps and grid it was trained for unless told otherwise.
+
     Weights are channels_last: convolutions then run in NHWC, which oneDNN and cuDNN prefer (1.3x faster
     decoding on CPU, see benchmarks/RESULTS.md); outputs are the same up to float rounding.
     """
@@ -690,6 +752,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: torch.devi
         raise InputError(f"{path}: model file does not match its config ({str(exc).splitlines()[0]})") from None
     model.file_hash = file_sha256(path)
     model.latent_stats = read_stats(meta, config, path)
+    model.distilled = read_distilled(meta, path)
     model = model.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     model.set_precision(precision)
     return model.compile_networks(compile) if compile else model

@@ -451,12 +451,12 @@ def _posterior_noise(seed: int, source: str, shape: torch.Size) -> torch.Tensor:
 
 def check_latent(model: Tokenizer, path: Path, latent: torch.Tensor | Sequence[int], meta: dict[str, str],
                  max_pixels: int | None = None) -> None:
-    """Refuse latents another model made, or of a shape this model cannot decode, or that would decode to more
+    """Refuse latents another model made (a distilled decoder takes its teacher's), or of a shape this model cannot decode, or that would decode to more
     than ``max_pixels`` (`TooLarge`). ``latent`` may be the tensor or just its shape (from the file's header)."""
     name = display_name(path)
     shape = tuple(getattr(latent, "shape", latent))
     made_by = meta.get("model_hash", "")
-    if model.file_hash and made_by and made_by != model.file_hash:
+    if model.file_hash and made_by and not model.made(made_by):
         raise InputError(f"{name}: latent was made by model {made_by}, not by the loaded model {model.file_hash}")
     c = model.config.latent_channels
     if shape[0] != c:
@@ -504,9 +504,9 @@ def as_encoded(latent: torch.Tensor, meta: dict[str, str], path: Path) -> torch.
 def decode_folder(
     model: Tokenizer,
     job: Job,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "euler",
-    shift: float = 1.0,
+    shift: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
     overwrite: bool = False,
@@ -519,7 +519,7 @@ def decode_folder(
     """Decode latent files to PNGs, cropped to the size each latent records (``encode --keep-size``). Every image
     starts from the same seeded noise, so an output does not depend on which other files are decoded alongside
     it (nor, on the CPU, on the batch size: see `models.images_per_call`). ``on_step(n)``: n images advanced one
-    ODE step (for progress bars).
+    ODE step (for progress bars). ``steps`` and ``shift`` None: the model's own (`Tokenizer.default_steps`).
 
     ``tile`` decodes every file in tiles of that many pixels (`Tokenizer.decode`). Without it, a latent that
     decodes to more than ``max_pixels`` is decoded in tiles (`fallback_tiling`) (up to
@@ -587,9 +587,9 @@ def fallback_tiling(model: Tokenizer, overlap: int) -> tuple[int, int]:
     return tile, min(overlap, tile // 2, tile - align)
 
 
-def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: int, sampler: str, shift: float,
-                 tile: int | None = None, overlap: int = 32, on_step: Callable[[int], None] | None = None,
-                 max_pixels: int | None = None) -> tuple[torch.Tensor, str]:
+def decode_batch(model: Tokenizer, z: torch.Tensor, noise: torch.Tensor, steps: int | None, sampler: str,
+                 shift: float | None, tile: int | None = None, overlap: int = 32,
+                 on_step: Callable[[int], None] | None = None, max_pixels: int | None = None) -> tuple[torch.Tensor, str]:
     """Decode a batch, whole or in ``tile``-pixel tiles; returns the images and a note for the user ("" if none).
 
     Images over ``max_pixels`` each are decoded in `fallback_tiling`'s tiles instead of whole, and a single

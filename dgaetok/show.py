@@ -80,9 +80,9 @@ def show(
     latent_file: str | os.PathLike,
     image: str | os.PathLike | None = None,
     model: Tokenizer | str | os.PathLike | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "euler",
-    shift: float = 1.0,
+    shift: float | None = None,
     seed: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> Image.Image:
@@ -90,8 +90,8 @@ def show(
 
     With ``image`` (the file it was encoded from): original | latent | reconstruction, the reconstruction
     decoded by ``model`` (a loaded model or a file; default: the bundled one) exactly as ``dgaetok decode``
-    with the same ``steps``, ``sampler``, ``shift`` and ``seed`` would, tiled if it is large. ``on_step(1)`` is
-    called after each step of that decode.
+    with the same ``steps``, ``sampler``, ``shift`` and ``seed`` would (None: the model's own), tiled if it is
+    large. ``on_step(1)`` is called after each step of that decode.
     """
     path = Path(latent_file)
     latent, meta = read_latent(path)

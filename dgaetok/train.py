@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 8 -m dgaetok.cli train data/ --out runs/dgae-b ...
 
 Both families run the same loop with the same autoencoder optimizer; SD-VAE adds a PatchGAN discriminator with its
-own optimizer, stepped after the autoencoder from ``disc_start`` on.
+own optimizer, stepped after the autoencoder from ``disc_start`` on. A distillation run (``teacher`` set,
+`dgaetok.distill`) is the same loop too: the model is the teacher's, its encoder frozen, and the loss pulls its
+few-step decode towards the teacher's many-step one.
 
 The global batch is split into ``world * accum`` shards of equal size: each process holds ``accum`` of them and
 runs them one after the other as the micro-batches of gradient accumulation (`accumulate`). A shard's images and
@@ -41,8 +43,9 @@ from .data import DeviceImages, DrawSampler, ImageFolder
 from .errors import InputError
 from .files import atomic_path, save_grid
 from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
-from .models import (ARCHS, MODELS, Tokenizer, build_model, load_encoder, read_model_file, save_model,
-                     synchronize)
+from . import distill
+from .models import (ARCHS, MODELS, Tokenizer, build_model, config_of, file_sha256, load_encoder,
+                     read_model_file, resolve_model, save_model, synchronize)
 from .precision import Precision, autocast, resolve
 from .stats import measure_folder
 
@@ -106,8 +109,21 @@ class TrainConfig:
     init_encoder: str | None = None
     freeze_encoder: int = 0
     stats_images: int = 256  # latent statistics in the final model.safetensors, over this many images (0: none)
+    # distillation (`dgaetok.distill`): a DGAE model file whose decoder the run distils into a few-step student.
+    # The model is then the teacher's (its config and weights; preset, downsample and latent_channels are
+    # ignored), its encoder frozen; the loss is distill's, weighted by mse_weight, lpips_weight and real_weight.
+    teacher: str | None = None
+    teacher_steps: int = 8  # Euler steps of the teacher's targets ...
+    teacher_shift: float = 0.5  # ... on this time grid (`flow.time_grid`; 0.5 suits few steps)
+    student_steps: int = 1  # K: the student's steps ...
+    student_shift: float = 1.0  # ... and their grid (any shift is the same one step for K = 1)
+    mse_weight: float = 1.0
+    real_weight: float = 0.0  # the student against the real image too (MSE and LPIPS, weighted as above)
 
     def model_config(self):
+        if self.teacher:
+            path = resolve_model(self.teacher)
+            return config_of(read_model_file(path)[0], path)
         if self.arch is not None and self.arch not in ARCHS:
             raise InputError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         preset = self.preset or f"{self.arch or 'dgae'}-s"
@@ -133,9 +149,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on conv and linear weights only: decaying norms and biases only hurts."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on conv and linear weights only: decaying norms and biases only hurts. Frozen
+    parameters (a distilled student's encoder) are left out."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).device.type == "cuda"  # one kernel for all parameters, no host sync
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
@@ -175,13 +193,15 @@ def distributed_setup(requested: str | None) -> tuple[int, int, torch.device]:
 
 # Settings that decide which images and noise each step sees: changing them breaks an exact resume. "shards" is
 # world * accum: a run may continue with another split of its shards (8 processes -> 1 with accum 8), which
-# changes only the float rounding of the summed gradients.
-RESUME_KEYS = ("batch_size", "seed", "shards", "resolution", "crop")
+# changes only the float rounding of the summed gradients. A distillation's targets also depend on its teacher.
+RESUME_KEYS = ("batch_size", "seed", "shards", "resolution", "crop", "teacher_hash")
 
 
 def run_settings(cfg: TrainConfig, world: int) -> dict:
-    """The config as a checkpoint records it, with the run's process count and shard count."""
-    return {**dataclasses.asdict(cfg), "world": world, "shards": world * cfg.accum}
+    """The config as a checkpoint records it, with the run's process count and shard count (and a distillation
+    run's teacher by its hash: the file may move, but another teacher is another run)."""
+    teacher = file_sha256(resolve_model(cfg.teacher)) if cfg.teacher else None
+    return {**dataclasses.asdict(cfg), "world": world, "shards": world * cfg.accum, "teacher_hash": teacher}
 
 
 def save_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str, torch.optim.Optimizer], step: int,
@@ -232,7 +252,7 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
 
 def warm_start(model: Tokenizer, path: str | os.PathLike) -> None:
     """Load a model file's weights into ``model`` (a new run that starts where another model is)."""
-    meta, tensors = read_model_file(path)
+    meta, tensors = read_model_file(resolve_model(path))
     if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: --warm-start needs a model of the same config; it holds "
                          f"{meta['config']}, this run builds {model.config.to_json()}")
@@ -264,7 +284,7 @@ def resume_log(path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int, path: Path, seed: int) -> None:
+def save_samples(ema: Tokenizer, batch: torch.Tensor, steps: int | None, path: Path, seed: int) -> None:
     ema.eval()
     z = ema.encode(batch).latent_dist.mode()
     recon = ema.decode(z, steps=steps, generator=torch.Generator().manual_seed(seed))
@@ -390,6 +410,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         raise InputError(f"rec_loss {cfg.rec_loss!r}: choose l1 or l2")
     if cfg.freeze_encoder and not cfg.init_encoder:
         raise InputError("freezing the encoder needs an encoder to start from (--init-encoder)")
+    if cfg.teacher and (cfg.warm_start or cfg.init_encoder):
+        raise InputError("a distilled student starts from its teacher; --warm-start and --init-encoder do not apply")
     rank, world, device = distributed_setup(cfg.device)
     try:
         precision = resolve(cfg.precision, device)
@@ -404,15 +426,20 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     model = build_model(cfg.model_config())
+    teacher = distill.load_teacher(cfg.teacher, device) if cfg.teacher else None
+    if teacher is not None:
+        model.distilled = distill.record(teacher, cfg.teacher_steps, cfg.teacher_shift, cfg.student_steps,
+                                         cfg.student_shift)
+        model.encoder.requires_grad_(False)  # the teacher's latents stay the student's
     if not (cfg.resume and (out / "checkpoint.safetensors").exists()):  # a resumed run has its weights
-        if cfg.warm_start:
-            warm_start(model, cfg.warm_start)
+        if cfg.warm_start or cfg.teacher:
+            warm_start(model, cfg.warm_start or cfg.teacher)
         if cfg.init_encoder:
             load_encoder(model, cfg.init_encoder)
     # channels_last: cuDNN's and oneDNN's fast convolutions are NHWC; inputs are converted as they arrive
     model = model.to(device, memory_format=torch.channels_last).set_grad_checkpointing(cfg.grad_checkpoint)
     model.set_precision(precision)  # the EMA copy below inherits it: the sample grids decode as the model trains
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # deepcopy keeps ``distilled``: the EMA is the student
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
         model.compile_networks(cfg.compile)
     opts = {"optimizer": make_optimizer(model, cfg)}
@@ -428,14 +455,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         raise InputError(f"{out}: holds a checkpoint already; pass --resume to continue it or choose another --out")
 
     perceptual = perceptual_net(cfg.lpips_net, cfg.lpips_pretrained) if cfg.lpips_weight > 0 else None
-    if gan:
+    if teacher is not None:
+        loss_fn = distill.DistillLoss(teacher, model.distilled, perceptual, cfg.mse_weight, cfg.lpips_weight,
+                                      cfg.real_weight).to(device)
+    elif gan:
         loss_fn = SDVAELoss(perceptual, disc, cfg.rec_loss, cfg.kl_weight, cfg.lpips_weight, cfg.disc_weight,
                             cfg.disc_start).to(device)
     else:
         loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight).to(device)
     wrap = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else m  # noqa: E731
-    net = wrap(model)
+    net = wrap(distill.Student(model, list(model.distilled.grid)) if teacher is not None else model)
     disc_net = wrap(disc) if gan else None
     watch = CollapseWatch(cfg.collapse_windows, cfg.collapse_gap, cfg.collapse_eps) if gan else None
 
@@ -542,7 +572,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             if collapsed:
                 raise Diverged(f"{collapsed}; the checkpoint in {out} is the last good state")
             if is_main and fixed is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
-                save_samples(ema, fixed, cfg.sample_steps, out / "samples" / f"step-{step:07d}.png", cfg.seed)
+                save_samples(ema, fixed, None if teacher is not None else cfg.sample_steps, out / "samples" / f"step-{step:07d}.png", cfg.seed)
             # while the GAN looks collapsed, periodic checkpoints wait, so the one on disk stays a good one
             suspect = watch is not None and watch.streak > 0 and step != cfg.steps
             if is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps) and not suspect:
