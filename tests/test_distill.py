@@ -94,14 +94,14 @@ def test_the_students_file_carries_k_and_decodes_with_k_by_default(tmp_path, pho
     assert runner.invoke(app, ["encode", str(image), "-o", str(tmp_path / "z"), "--model", str(teacher)]).exit_code == 0
     plain = runner.invoke(app, ["decode", str(tmp_path / "z"), "-o", str(tmp_path / "k"), "--model", str(path)])
     assert plain.exit_code == 0, plain.output
-    assert "note:" not in plain.output
+    assert "note: model" not in plain.output  # no step note (the precision note is every command's)
     same = runner.invoke(app, ["decode", str(tmp_path / "z"), "-o", str(tmp_path / "two"), "--model", str(path),
                                "--steps", "2", "--shift", "0.5"])
-    assert same.exit_code == 0 and "note:" not in same.output
+    assert same.exit_code == 0 and "note: model" not in same.output
     assert (tmp_path / "k" / "a.png").read_bytes() == (tmp_path / "two" / "a.png").read_bytes()
     other = runner.invoke(app, ["decode", str(tmp_path / "z"), "-o", str(tmp_path / "three"), "--model", str(path),
                                 "--steps", "3"])
-    assert other.exit_code == 0 and "note:" in other.output and "distilled to decode in 2 step(s)" in other.output
+    assert other.exit_code == 0 and "note: model" in other.output and "distilled to decode in 2 step(s)" in other.output
     info = runner.invoke(app, ["info", str(path)])
     assert "distilled: 2 Euler step(s)" in info.output and file_sha256(teacher) in info.output
 
