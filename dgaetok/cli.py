@@ -558,16 +558,16 @@ def distill(
     accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute the U-Net's blocks in "
                                          "backward: less memory for K > 1 or large crops."),
-    steps: int = typer.Option(5_000),
-    lr: float = typer.Option(1e-4),
-    min_lr: float = typer.Option(1e-5),
-    warmup: int = typer.Option(100),
-    ema_decay: float = typer.Option(0.999),
-    log_every: int = typer.Option(10),
-    ckpt_every: int = typer.Option(500),
-    sample_every: int = typer.Option(500),
+    steps: int = typer.Option(5_000, help="Optimizer steps (a larger value extends a run on --resume)."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW), after --warmup steps."),
+    min_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine decay (= --lr: flat)."),
+    warmup: int = typer.Option(100, help="Linear warm-up steps."),
+    ema_decay: float = typer.Option(0.999, help="Decay of the weights' EMA, which the student's file holds."),
+    log_every: int = typer.Option(10, help="Write a log.jsonl record every N steps."),
+    ckpt_every: int = typer.Option(500, help="Save a checkpoint every N steps."),
+    sample_every: int = typer.Option(500, help="Save a reconstruction grid every N steps."),
     workers: int = typer.Option(4, min=0, help="DataLoader worker processes decoding images."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the data order, crops and noise."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -833,7 +833,7 @@ def bench_gen(
     from .gen import GenConfig, bench_gen as run
 
     dev = pick_device(device)
-    say_precision(pick_precision(precision, dev))
+    pick_precision(precision, dev)  # a bad --precision fails here; bench_gen says which one it runs in
     prepare_output_dir(output)
     config = GenConfig(str(data), list(tokenizer), str(output), dit, steps, minutes, eval_every, num_samples,
                        batch_size, lr, ema_decay, sample_steps, cfg, decode_steps, not unconditional, limit, seed,

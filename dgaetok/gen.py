@@ -45,6 +45,7 @@ from .files import atomic_path, find_files, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, load_model, resolve_model
 from .precision import autocast
+from .precision import resolve as resolve_precision
 from .pipeline import load_latent
 from .plots import plot_curve
 from .shards import is_dataset
@@ -445,6 +446,8 @@ def bench_gen(cfg: GenConfig, log: Callable[[str], None] = lambda s: None) -> Ge
             log(f"note: {name}: {note}")
         res = tokenizer.config.resolution
         files, images, skipped, key = reference_images(cfg, res, loaded)
+        if not result.images:  # once the data is known to be there: the precision the run computes in
+            log(f"note: {resolve_precision(cfg.precision, device).note()}")
         result.skipped += [m for m in skipped if m not in result.skipped]  # unreadable files: reported
         result.images = len(images)
         if deferred is None:
