@@ -148,7 +148,7 @@ def run_job(job, items: Callable[[Callable[[int], None]], Iterable], verb: str, 
 
 
 def pick_precision(precision: str, device: torch.device):
-    """The `Precision` of ``--precision`` on ``device`` (`say_precision` tells the user)."""
+    """The `Precision` of ``--precision`` on ``device``."""
     from .precision import resolve
 
     try:
@@ -157,16 +157,12 @@ def pick_precision(precision: str, device: torch.device):
         raise InputError(f"--precision {precision}: {exc}") from None
 
 
-def say_precision(chosen) -> None:
-    console.print(f"note: {chosen.note()}", highlight=False)
-
-
 def load(model: Optional[str], device: torch.device, compile: Optional[str] = None, precision: str = "auto"):
     """The model for a command; once it loaded, one `note:` line says which precision it computes in and why."""
     from .models import load_model
 
     m = load_model(model, device, compile, pick_precision(precision, device))
-    say_precision(m.precision)
+    console.print(f"note: {m.precision.note()}", highlight=False)
     return m
 
 

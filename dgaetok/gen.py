@@ -44,8 +44,7 @@ from .bench import batch_ranges, eval_images
 from .files import atomic_path, find_files, save_grid, to_uint8
 from .metrics import PR_NEIGHBOURS, dataset_key, gen_features, gen_metrics
 from .models import Tokenizer, load_model, resolve_model
-from .precision import autocast
-from .precision import resolve as resolve_precision
+from .precision import autocast, resolve as resolve_precision
 from .pipeline import load_latent
 from .plots import plot_curve
 from .shards import is_dataset
