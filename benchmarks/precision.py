@@ -4,7 +4,8 @@ does to reconstructions.
     python benchmarks/precision.py --device cpu                       # the bundled default and dgae-s2
     python benchmarks/precision.py --model default --quality 100 --data ../shared/data/eval/imagenet-val500
 
-Speed rows (`throughput.Bench`, one image per call as the CPU decodes): encode, decode at ``--steps``, the SD-VAE
+First the ceiling: a matmul and a 3x3 convolution in both precisions, which is as much as bf16 can give on the
+device (AVX512-BF16 doubles the fp32 rate, AMX and tensor cores do much more). Speed rows (`throughput.Bench`, one image per call as the CPU decodes): encode, decode at ``--steps``, the SD-VAE
 decoder of the same latent (the speed peer), and a training step (DGAE loss with LPIPS-alex at ``--train-crop``
 px, batch ``--train-batch``), for the bundled default's architecture and ``--preset``s, each measured in fp32 and
 then bf16 back to back so that both see the same machine. ``--compile`` adds bf16 rows with the networks
@@ -33,9 +34,20 @@ from throughput import Bench  # noqa: E402
 
 from dgaetok.bench import eval_images  # noqa: E402
 from dgaetok.files import to_uint8  # noqa: E402
+from dgaetok.flops import seconds_per_call  # noqa: E402
 from dgaetok.metrics import ReconMetrics  # noqa: E402
 from dgaetok.models import MODELS, load_model  # noqa: E402
-from dgaetok.precision import resolve  # noqa: E402
+from dgaetok.precision import autocast, resolve  # noqa: E402
+
+
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (with its family, which tells generations of one name apart)."""
+    try:
+        info = dict(map(str.strip, line.split(":", 1)) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ":" in line)
+        return f"{info['model name']}, family {info['cpu family']}"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
 
 
 def pair(config, args, device, emit) -> dict[str, Bench]:
@@ -45,6 +57,23 @@ def pair(config, args, device, emit) -> dict[str, Bench]:
         args.precision = name
         benches[name] = Bench(config, args, device, 1.0, emit)  # MFU is not the point here: peak 1
     return benches
+
+
+@torch.no_grad()
+def ceiling(args, device, emit) -> None:
+    """What the hardware itself gains from bf16: a square matmul and one 3x3 convolution (128 channels, 128x128,
+    channels_last as the networks run), each in fp32 and then under bf16 autocast. A network that is all
+    convolutions cannot gain more than the convolution row; elementwise work and GroupNorm gain less."""
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device, memory_format=torch.channels_last)
+    x = torch.randn(1, 128, 128, 128, device=device).contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    for what, fn, flops in (("matmul 2048x2048", lambda: a @ b, 2 * 2048**3),
+                            ("conv 3x3, 128 ch, 128x128", lambda: conv(x), 2 * 128 * 128 * 9 * 128 * 128)):
+        for name in ("fp32", "bf16"):
+            with autocast(device, name):
+                seconds = seconds_per_call(fn, device, args.min_time)
+            emit({"kind": "row", "preset": "(hardware)", "what": what, "precision": name, "compile": None,
+                  "steps": None, "batch": 1, "seconds_per_call": seconds, "tflops": flops / seconds / 1e12})
 
 
 def speed(config, args, device, emit) -> None:
@@ -151,12 +180,13 @@ def main() -> None:
             rows.append(record)
             print(json.dumps(record), flush=True)
 
-        emit({"kind": "header", "device": f"CPU ({platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        emit({"kind": "header", "device": f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
+              if device.type == "cpu" else torch.cuda.get_device_name(device),
               "torch": torch.__version__, "auto": resolve("auto", device).note(), "argv": sys.argv[1:]})
         configs = [load_model(args.model).config] + [
             MODELS[p](resolution=256, downsample=args.downsample, latent_channels=args.latent_channels)
             for p in args.preset]
+        ceiling(args, device, emit)
         for config in configs:
             speed(config, args, device, emit)
         if args.quality:

@@ -47,7 +47,7 @@ import torch
 from dgaetok.flops import count_flops, matmul_peak, seconds_per_call, training_flops_per_image
 from dgaetok.memory import largest_batch
 from dgaetok.models import COMPILE_MODES, MODELS, DGAEConfig, Tokenizer, build_model, load_model, synchronize
-from dgaetok.precision import autocast, resolve
+from dgaetok.precision import autocast, resolve, training_layout
 
 KINDS = ("unet", "train", "train-ckpt", "encode", "decode", "peer")
 DEFAULT_ROWS = ["unet", "train", "train-ckpt", "encode", "decode", "peer"]
@@ -247,15 +247,15 @@ class Bench:
         cfg = TrainConfig(lpips_net=self.args.lpips_net, lpips_pretrained=False)  # a random trunk: same cost
         device, res = self.device, self.config.resolution
         torch.manual_seed(0)
-        # as `train.train` lays it out: channels_last weights and inputs
-        model = build_model(self.config).to(device, memory_format=torch.channels_last).train()
+        layout = training_layout(device, self.precision)  # as `train.train` lays out weights and inputs
+        model = build_model(self.config).to(device, memory_format=layout).train()
         model.set_grad_checkpointing(checkpointing).set_precision(self.precision)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = make_optimizer(model, cfg)
         loss_fn = DGAELoss(perceptual_net(cfg.lpips_net, False), cfg.velocity_weight, cfg.kl_weight,
                            cfg.lpips_weight).to(device)
         x = torch.randn(self.args.train_batch, 3, res, res, device=device).clamp(-1, 1)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=layout)
         generator = torch.Generator(device).manual_seed(0)
         flops = training_flops_per_image(self.config, cfg.lpips_net)  # the model's, without recomputation
         if mode:

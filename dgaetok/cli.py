@@ -5,7 +5,7 @@ import functools
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Annotated, Callable, Iterable, Optional
 
 import torch
 import typer
@@ -170,7 +170,8 @@ COMPILE_HELP = ("torch.compile the networks: default, reduce-overhead (adds CUDA
                 "Compiling takes a minute or more; it pays on long jobs.")
 DEVICE_HELP = "cpu, cuda, cuda:1 ... (default: cuda when present)."
 PRECISION_HELP = ("auto, bf16 or fp32: what the networks compute in. auto takes bf16 on GPUs and on CPUs with native "
-                  "bf16 matrix units (AMX, AVX512-BF16, Arm BF16), fp32 elsewhere. Latents are always float32.")
+                  "bf16 matrix units (AMX, AVX512-BF16, Arm BF16), fp32 elsewhere, unless $DGAETOK_PRECISION says "
+                  "bf16 or fp32. Latents are always float32.")
 BATCH_HELP = "Images per batch: more is faster on a GPU and needs more memory."
 MAX_PIXELS_HELP = (f"Pixel budget per image: larger model inputs or outputs fail alone, before any memory is spent "
                    f"on them (default {DEFAULT_MAX_PIXELS:,}, about 17 GB to decode with dgae-s on a CPU).")
@@ -436,8 +437,39 @@ def print_folder_summary(folder: Path) -> None:
         out.print(Text(printable(line)), soft_wrap=True)
 
 
-BATCH_HELP = "Global batch, split over processes, then into --accum micro-batches."
-ACCUM_HELP = "Gradient accumulation: micro-batches per process and step (the same update as that many processes)."
+# The options of a training run, which `train` and `distill` (a kind of training run) take alike: declared once
+# here, with each command's own default.
+Crop = Annotated[Optional[int], typer.Option(help="Train on random crops of this size (default: resolution).")]
+BatchSize = Annotated[int, typer.Option(help="Global batch, split over processes, then into --accum micro-batches.")]
+Accum = Annotated[int, typer.Option(min=1, help="Gradient accumulation: micro-batches per process and step (the "
+                                    "same update as that many processes).")]
+GradCheckpoint = Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute residual and attention blocks "
+                                              "in backward: much less activation memory for about a third more "
+                                              "compute.")]
+Steps = Annotated[int, typer.Option(help="Optimizer steps (a larger value extends a resumed run).")]
+Lr = Annotated[float, typer.Option(help="Peak learning rate (AdamW), after --warmup.")]
+MinLr = Annotated[float, typer.Option(help="Learning rate at the end of the cosine decay (= --lr: flat).")]
+Warmup = Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up.")]
+LpipsNet = Annotated[str, typer.Option(help="LPIPS trunk of the loss: vgg (the paper's) or alex (lighter).")]
+EmaDecay = Annotated[float, typer.Option(help="Decay of the EMA of the weights that model.safetensors holds.")]
+LogEvery = Annotated[int, typer.Option(help="Write a log.jsonl record every N steps.")]
+CkptEvery = Annotated[int, typer.Option(help="Save a checkpoint every N steps.")]
+SampleEvery = Annotated[int, typer.Option(help="Save a reconstruction grid every N steps.")]
+Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes per GPU process decoding images "
+                                      "(pinned memory, kept alive between epochs; 0: decode in the loop).")]
+Seed = Annotated[int, typer.Option(help="Seed of the initialisation, data order, crops and noise.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")]
+Device = Annotated[Optional[str], typer.Option(help=DEVICE_HELP)]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
+Compile = Annotated[Optional[str], typer.Option("--compile", help=COMPILE_HELP)]
+DataOnDevice = Annotated[bool, typer.Option("--data-on-device", help="Decode the images once and keep them on the "
+                                            "device as uint8 (small datasets: no decoding or copies per step; the "
+                                            "same crops as without).")]
+Minutes = Annotated[Optional[float], typer.Option(min=0.0, help="Wall-time budget: stop then with a checkpoint; "
+                                                  "the step count is set from the measured speed so the schedule "
+                                                  "ends there.")]
+StatsImages = Annotated[int, typer.Option(min=0, help="Latent statistics in the final model file, over this many "
+                                          "images of DATA spread evenly (0: none).")]
 
 
 @app.command()
@@ -455,47 +487,41 @@ def train(
                                              help="Spatial factor f: 8, 16 or 32 (default: the preset's, 16 for *-s)."),
     latent_channels: Optional[int] = typer.Option(None, "--latent-channels", "-c",
                                                   help="Latent channels (default: the preset's, 8 for *-s)."),
-    crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(96, help=BATCH_HELP),
-    accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute residual and attention blocks "
-                                         "in backward: much less activation memory for about a third more compute."),
-    steps: int = typer.Option(100_000, help="Training steps (a larger value extends a resumed run)."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW), after --warmup."),
-    min_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine decay."),
-    warmup: int = typer.Option(10_000, help="Steps of linear learning-rate warm-up."),
+    crop: Crop = None,
+    batch_size: BatchSize = 96,
+    accum: Accum = 1,
+    grad_checkpoint: GradCheckpoint = False,
+    steps: Steps = 100_000,
+    lr: Lr = 1e-4,
+    min_lr: MinLr = 1e-5,
+    warmup: Warmup = 10_000,
     kl_weight: float = typer.Option(1e-6, help="Weight of the KL term (SD-VAE's balance, see docs/training.md)."),
     lpips_weight: float = typer.Option(1.0, help="Weight of the LPIPS term (0: none)."),
-    lpips_net: str = typer.Option("vgg", help="LPIPS trunk of the loss: vgg (the paper's) or alex (lighter)."),
-    ema_decay: float = typer.Option(0.999, help="Decay of the EMA of the weights that model.safetensors holds."),
+    lpips_net: LpipsNet = "vgg",
+    ema_decay: EmaDecay = 0.999,
     rec_loss: str = typer.Option("l1", help="SD-VAE: reconstruction term, l1 or l2."),
     disc_start: int = typer.Option(50_001, help="SD-VAE: steps before the GAN term and discriminator start."),
     disc_weight: float = typer.Option(0.5, help="SD-VAE: factor on the adaptive GAN weight."),
     collapse_windows: int = typer.Option(10, help="SD-VAE: stop after this many collapsed log windows (0: never)."),
-    log_every: int = typer.Option(10, help="Write a log.jsonl record every N steps."),
-    ckpt_every: int = typer.Option(1000, help="Save a checkpoint every N steps."),
-    sample_every: int = typer.Option(1000, help="Save a reconstruction grid every N steps."),
+    log_every: LogEvery = 10,
+    ckpt_every: CkptEvery = 1000,
+    sample_every: SampleEvery = 1000,
     sample_steps: int = typer.Option(25, help="Decode steps of those reconstructions."),
-    workers: int = typer.Option(4, min=0, help="DataLoader worker processes per GPU process decoding images "
-                                               "(pinned memory, kept alive between epochs; 0: decode in the loop)."),
-    seed: int = typer.Option(0, help="Seed of the initialisation, data order, crops and noise."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
-    data_on_device: bool = typer.Option(False, "--data-on-device", help="Decode the images once and keep them on "
-                                        "the device as uint8 (small datasets: no decoding or copies per step; the "
-                                        "same crops as without)."),
-    minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget: stop then with a checkpoint; the "
-                                            "step count is set from the measured speed so the schedule ends there."),
+    workers: Workers = 4,
+    seed: Seed = 0,
+    resume: Resume = False,
+    device: Device = None,
+    precision: PrecisionOpt = "auto",
+    compile: Compile = None,
+    data_on_device: DataOnDevice = False,
+    minutes: Minutes = None,
     warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start from this model file's weights "
                                               "(same config; fresh optimizer and schedule)."),
     init_encoder: Optional[str] = typer.Option(None, "--init-encoder", help="Start the encoder from this model "
                                                "file's (same f, c and encoder shape, e.g. a converted SD-VAE)."),
     freeze_encoder: int = typer.Option(0, "--freeze-encoder", min=0, help="Keep that encoder fixed for the "
                                        "first N steps."),
-    stats_images: int = typer.Option(256, min=0, help="Latent statistics in the final model file, over this many "
-                                     "images of DATA spread evenly (0: none)."),
+    stats_images: StatsImages = 256,
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
     from .train import TrainConfig
@@ -545,35 +571,31 @@ def distill(
                                         "steps near the image; 0.5 suits few steps)."),
     mse_weight: float = typer.Option(1.0, min=0.0, help="Weight of the MSE between student and teacher images."),
     lpips_weight: float = typer.Option(1.0, min=0.0, help="Weight of LPIPS between student and teacher images."),
-    lpips_net: str = typer.Option("vgg", help="LPIPS trunk of the loss: vgg (the paper's) or alex (cheaper)."),
+    lpips_net: LpipsNet = "vgg",
     real_weight: float = typer.Option(0.0, min=0.0, help="Also pull the student towards the real image: this "
                                       "weight times the same MSE + LPIPS mix against it."),
     resolution: int = typer.Option(256, help="Images are resized to this (shorter side) before cropping."),
-    crop: Optional[int] = typer.Option(None, help="Train on random crops of this size (default: resolution)."),
-    batch_size: int = typer.Option(32, help=BATCH_HELP),
-    accum: int = typer.Option(1, min=1, help=ACCUM_HELP),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute the U-Net's blocks in "
-                                         "backward: less memory for K > 1 or large crops."),
-    steps: int = typer.Option(5_000, help="Optimizer steps (a larger value extends a run on --resume)."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW), after --warmup steps."),
-    min_lr: float = typer.Option(1e-5, help="Learning rate at the end of the cosine decay (= --lr: flat)."),
-    warmup: int = typer.Option(100, help="Linear warm-up steps."),
-    ema_decay: float = typer.Option(0.999, help="Decay of the weights' EMA, which the student's file holds."),
-    log_every: int = typer.Option(10, help="Write a log.jsonl record every N steps."),
-    ckpt_every: int = typer.Option(500, help="Save a checkpoint every N steps."),
-    sample_every: int = typer.Option(500, help="Save a reconstruction grid every N steps."),
-    workers: int = typer.Option(4, min=0, help="DataLoader worker processes decoding images."),
-    seed: int = typer.Option(0, help="Seed of the data order, crops and noise."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
-    data_on_device: bool = typer.Option(False, "--data-on-device", help="Decode the images once and keep them on "
-                                        "the device (small datasets)."),
-    minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget: stop then with a checkpoint; the "
-                                            "step count is set from the measured speed so the schedule ends there."),
-    stats_images: int = typer.Option(256, min=0, help="Latent statistics in the student's file, over this many "
-                                     "images of DATA (0: none)."),
+    crop: Crop = None,
+    batch_size: BatchSize = 32,
+    accum: Accum = 1,
+    grad_checkpoint: GradCheckpoint = False,
+    steps: Steps = 5_000,
+    lr: Lr = 1e-4,
+    min_lr: MinLr = 1e-5,
+    warmup: Warmup = 100,
+    ema_decay: EmaDecay = 0.999,
+    log_every: LogEvery = 10,
+    ckpt_every: CkptEvery = 500,
+    sample_every: SampleEvery = 500,
+    workers: Workers = 4,
+    seed: Seed = 0,
+    resume: Resume = False,
+    device: Device = None,
+    precision: PrecisionOpt = "auto",
+    compile: Compile = None,
+    data_on_device: DataOnDevice = False,
+    minutes: Minutes = None,
+    stats_images: StatsImages = 256,
 ):
     """Distil a DGAE decoder into a student that decodes in K steps (1 by default) what the teacher decodes in N.
 
@@ -780,12 +802,14 @@ def bench_rfid(
         result = rfid(m, str(resolve_model(model)), data, steps, limit, batch_size, seed, sampler, shift, lpips_net,
                       output / "rfid-grid.png", resolution=resolution, on_batch=lambda n: progress.advance(task, n))
     write_json(result, output / "rfid.json")
-    table = Table("latent", "steps", "rFID", "PSNR", "SSIM", f"LPIPS-{lpips_net}", "img/s", "device",
-                  title=f"{escape(Path(result.model).name)}: {result.images} images from {escape(str(data))}")
+    table = Table("latent", "steps", "rFID", "PSNR", "SSIM", f"LPIPS-{lpips_net}", "colour", "border", "img/s",
+                  "device", title=f"{escape(Path(result.model).name)}: {result.images} images from "
+                  f"{escape(str(data))}", caption="colour: mean colour offset (/255); border: worst border strip's "
+                  "error over the interior's (1: none)")
     for r in result.results:
         table.add_row("x".join(map(str, result.latent_shape)), str(r.steps),
-                      f"{r.rfid:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.lpips:.4f}", f"{r.images_per_s:.2f}",
-                      result.device)
+                      f"{r.rfid:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.lpips:.4f}", f"{r.colour:.2f}",
+                      f"{r.border:.2f}", f"{r.images_per_s:.2f}", result.device)
     out.print(table)
     for message in result.skipped:
         console.print(f"[yellow]skipped:[/yellow] {escape(message)}")

@@ -8,16 +8,21 @@ or AVX512-BF16, Arm BF16) oneDNN runs bf16 convolutions 2.5-3.5x faster than flo
     auto  bf16 on CUDA with bf16 support and on CPUs with native bf16 matrix instructions, float32 elsewhere
     bf16  bf16 autocast wherever asked (correct everywhere; without native support it is slower, and says so)
     fp32  float32 throughout
+
+``$DGAETOK_PRECISION`` (bf16 or fp32) decides what ``auto`` means for every command and process that inherits it,
+as accelerate's ``ACCELERATE_MIXED_PRECISION`` does: one switch for a machine, a job, or a test run.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
+ENV = "DGAETOK_PRECISION"
 
 
 @functools.cache
@@ -56,6 +61,9 @@ def resolve(precision: str | Precision, device: torch.device | str) -> Precision
         return precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    forced = os.environ.get(ENV, "auto") if precision == "auto" else "auto"
+    if forced not in PRECISIONS:
+        raise ValueError(f"{ENV}={forced!r}: choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     if device.type == "cuda":
         native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -67,12 +75,14 @@ def resolve(precision: str | Precision, device: torch.device | str) -> Precision
             "this CPU has no native bf16 matrix units"
     else:
         native, units = False, f"no bf16 autocast on {device.type}"
+    asked = "asked for" if forced == "auto" else f"auto: {ENV}={forced}"
+    precision = precision if forced == "auto" else forced
     if precision == "fp32":
-        return Precision("fp32", "asked for")
+        return Precision("fp32", asked)
     if precision == "bf16":
         if native or device.type not in ("cpu", "cuda"):
-            return Precision("bf16", f"asked for; {units}")
-        return Precision("bf16", f"asked for; {units}, so it is correct but slower than fp32")
+            return Precision("bf16", f"{asked}; {units}")
+        return Precision("bf16", f"{asked}; {units}, so it is correct but slower than fp32")
     return Precision("bf16", f"auto: {units}") if native else Precision("fp32", f"auto: {units}")
 
 
@@ -82,3 +92,20 @@ def autocast(device: torch.device | str, precision: str | Precision = "fp32"):
     if device.type not in ("cpu", "cuda"):  # torch.autocast refuses device types like "meta" outright
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve(precision, device).bf16)
+
+
+def training_layout(device: torch.device | str, precision: str | Precision = "fp32") -> torch.memory_format:
+    """The memory layout a network trains in on ``device`` at ``precision``.
+
+    channels_last (NHWC), which cuDNN's and oneDNN's convolutions prefer, except in bf16 on the CPU: there torch's
+    backward of a channels_last GroupNorm is 3-4x slower than NCHW's (8x32x128x128: 53 against 14 ms with its
+    SiLU), and NCHW trains dgae-s 1.6x faster than channels_last did (0.86 against 1.40 s per batch of 8 at
+    128 px; 2.08 against 2.42 s per batch of 4 at 256 px; dgae-s2 0.62 against 0.64 s), while in float32 on the same
+    CPU channels_last stays the faster (1.38 against 1.48 s). Inference keeps channels_last in both precisions
+    (`models.load_model`): there it is the faster layout.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and resolve(precision, device).bf16:
+        return torch.contiguous_format
+    return torch.channels_last
+

@@ -46,7 +46,7 @@ from .losses import DGAELoss, NLayerDiscriminator, SDVAELoss, perceptual_net
 from . import distill
 from .models import (ARCHS, MODELS, Tokenizer, build_model, config_of, file_sha256, load_encoder,
                      read_model_file, resolve_model, save_model, synchronize)
-from .precision import Precision, autocast, resolve
+from .precision import Precision, autocast, resolve, training_layout
 from .stats import measure_folder
 
 
@@ -436,8 +436,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             warm_start(model, cfg.warm_start or cfg.teacher)
         if cfg.init_encoder:
             load_encoder(model, cfg.init_encoder)
-    # channels_last: cuDNN's and oneDNN's fast convolutions are NHWC; inputs are converted as they arrive
-    model = model.to(device, memory_format=torch.channels_last).set_grad_checkpointing(cfg.grad_checkpoint)
+    layout = training_layout(device, precision)  # channels_last but for bf16 on the CPU; inputs follow as they come
+    model = model.to(device, memory_format=layout).set_grad_checkpointing(cfg.grad_checkpoint)
     model.set_precision(precision)  # the EMA copy below inherits it: the sample grids decode as the model trains
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # deepcopy keeps ``distilled``: the EMA is the student
     if cfg.compile:  # after the EMA copy, which stays eager: it only samples the reconstruction grids
@@ -498,7 +498,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     try:
         t0, seen = time.perf_counter(), 0
         while step < cfg.steps:
-            x = next_batch(step).contiguous(memory_format=torch.channels_last)
+            x = next_batch(step).contiguous(memory_format=layout)
             model.train()
             lr = lr_at(step, cfg)
             for o in opts.values():

@@ -21,13 +21,15 @@ def pytest_addoption(parser):
                           "a CPU with or without native bf16 units (default: what this CPU has).")
 
 
-@pytest.fixture(autouse=True)
-def cpu_precision(request, monkeypatch):
-    """`pytest --precision fp32|bf16`: every model that runs at "auto" on the CPU computes in that precision."""
-    choice = request.config.getoption("--precision")
+def pytest_configure(config):
+    """`pytest --precision fp32|bf16`: every model that runs at "auto" computes in that precision, in the test
+    process from its first fixture on and in every process it starts (the CLI, torchrun workers, scripts), through
+    $DGAETOK_PRECISION; without the option the tests see what this machine has, whatever the shell exported."""
+    choice = config.getoption("--precision")
     if choice != "auto":
-        monkeypatch.setattr(dgaetok.precision, "cpu_bf16_units", lambda: "pytest --precision bf16"
-                            if choice == "bf16" else None)
+        os.environ[dgaetok.precision.ENV] = choice
+    else:
+        os.environ.pop(dgaetok.precision.ENV, None)
 
 
 def conv_output_dtypes(model: torch.nn.Module) -> set[torch.dtype]:

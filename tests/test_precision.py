@@ -1,6 +1,9 @@
 """The precision policy: what auto picks and why, bf16 really used where asked, and every promise kept in bf16."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -18,6 +21,7 @@ runner = CliRunner()
 
 
 def test_auto_follows_the_hardware_and_says_why(monkeypatch):
+    monkeypatch.delenv(precision.ENV, raising=False)
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
     chosen = resolve("auto", "cpu")
     assert (chosen.name, chosen.reason) == ("bf16", "auto: this CPU has native bf16 matrix units (AMX)")
@@ -28,6 +32,27 @@ def test_auto_follows_the_hardware_and_says_why(monkeypatch):
     assert resolve("fp32", "cpu").name == "fp32"
     with pytest.raises(ValueError, match="fp16"):
         resolve("fp16", "cpu")
+
+
+def test_the_environment_decides_what_auto_means_here_and_in_child_processes(monkeypatch, tiny_model_file):
+    """$DGAETOK_PRECISION overrides auto (and only auto), says so, reaches a CLI process, and a bad value is refused
+    in one line."""
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: "AMX")
+    monkeypatch.setenv(precision.ENV, "fp32")
+    assert resolve("auto", "cpu") == precision.Precision("fp32", "auto: DGAETOK_PRECISION=fp32")
+    assert resolve("bf16", "cpu").name == "bf16"  # an explicit choice wins
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)
+    monkeypatch.setenv(precision.ENV, "bf16")
+    assert resolve("auto", "cpu").name == "bf16" and "DGAETOK_PRECISION=bf16" in resolve("auto", "cpu").reason
+    monkeypatch.setenv(precision.ENV, "fp32")
+    code = ("from dgaetok.models import load_model; import sys; m = load_model(sys.argv[1]); "
+            "from dgaetok.precision import resolve; print(resolve(m.precision, 'cpu').note())")
+    child = subprocess.run([sys.executable, "-c", code, str(tiny_model_file)], capture_output=True, text=True)
+    assert child.stdout.strip() == "precision fp32 (auto: DGAETOK_PRECISION=fp32)", child.stderr[-2000:]
+    monkeypatch.setenv(precision.ENV, "fp16")
+    bad = runner.invoke(app, ["encode", str(tiny_model_file), "-o", "x", "-m", str(tiny_model_file)])
+    assert bad.exit_code == 2 and "DGAETOK_PRECISION='fp16'" in bad.output and "Traceback" not in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
 
 
 def images(n: int = 3, size: int = 64) -> torch.Tensor:
@@ -97,16 +122,27 @@ def test_cli_says_which_precision_and_refuses_an_unknown_one(tiny_model_file, tm
     assert len(bad.output.strip().splitlines()) == 1
 
 
-def test_training_in_bf16_keeps_float32_weights_optimizer_and_ema(train_photos, tmp_path):
-    seen: set[torch.dtype] = set()
+def layout(x: torch.Tensor) -> str:
+    return "nchw" if x.is_contiguous() else \
+        "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "other"
+
+
+@pytest.mark.parametrize("name, computed", [("bf16", (torch.bfloat16, "nchw")),
+                                            ("fp32", (torch.float32, "channels_last"))])
+def test_training_keeps_float32_weights_optimizer_and_ema_in_its_precision_and_layout(train_photos, tmp_path,
+                                                                                     name, computed):
+    """bf16 on the CPU trains in NCHW (`precision.training_layout`: there its GroupNorm backward is the fast one),
+    float32 in channels_last; either way the weights, Adam states and EMA stay float32."""
+    seen: set[tuple[torch.dtype, str]] = set()
     cfg = TrainConfig(data=str(train_photos), out=str(tmp_path / "run"), preset="dgae-t", resolution=64,
                       downsample=8, latent_channels=4, batch_size=2, steps=2, warmup=1, lpips_weight=0.0,
-                      workers=0, log_every=1, ckpt_every=2, sample_every=100, stats_images=0, precision="bf16")
+                      workers=0, log_every=1, ckpt_every=2, sample_every=100, stats_images=0, precision=name)
     original = DGAE.forward
 
-    def spying_forward(self, *args, **kwargs):  # the training forward pass: its convolutions' dtypes
-        handles = [m.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
-                   for m in self.modules() if isinstance(m, torch.nn.Conv2d)]
+    def spying_forward(self, *args, **kwargs):  # the training forward pass: its 3x3 convolutions' outputs (the
+        # 1x1s after attention see its own layout)
+        handles = [m.register_forward_hook(lambda m, a, out: seen.add((out.dtype, layout(out))))
+                   for m in self.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
         try:
             return original(self, *args, **kwargs)
         finally:
@@ -118,7 +154,7 @@ def test_training_in_bf16_keeps_float32_weights_optimizer_and_ema(train_photos, 
         ema = train(cfg)
     finally:
         DGAE.forward = original
-    assert seen == {torch.bfloat16}
+    assert seen == {computed}
     assert all(p.dtype == torch.float32 for p in ema.parameters())
     state = torch.load(tmp_path / "run" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
     assert all(v["exp_avg"].dtype == torch.float32 for v in state.values())
