@@ -28,6 +28,8 @@ class StepResult:
     ssim: float
     lpips: float
     images_per_s: float  # encode + decode, excluding image loading and metrics
+    colour: float = float("nan")  # mean colour offset, /255 (`metrics.colour_offset`)
+    border: float = float("nan")  # worst border strip's error over the interior's (`metrics.border_errors`)
 
 
 @dataclass
@@ -138,7 +140,7 @@ def rfid(
         grid_columns.append(torch.cat(recon_for_grid)[:grid_count])
         m = metrics.compute()
         result.results.append(StepResult(n_steps, m["rfid"], m["psnr"], m["ssim"], m["lpips"],
-                                         len(images) / (encode_s + decode_s)))
+                                         len(images) / (encode_s + decode_s), m["colour"], m["border"]))
     if grid is not None:
         # One row per image: the original, then its reconstruction at each step count.
         cells = torch.stack(grid_columns, dim=1).flatten(0, 1)

@@ -37,6 +37,27 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(DATA_RANGE ** 2 / mse)
 
 
+def colour_offset(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image colour shift in /255 levels: the mean over R, G, B of |mean of ``b`` - mean of ``a``|. Blur and
+    noise leave it near 0; a decoder whose GroupNorm statistics drift tints whole images, which PSNR underweights."""
+    _check_pair(a, b)
+    return (b.double().mean(dim=(1, 2)) - a.double().mean(dim=(1, 2))).abs().mean(1)
+
+
+BORDER_WIDTH, BORDER_MARGIN = 3, 8
+
+
+def border_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image (N, 5): mean absolute error of the top, bottom, left and right ``BORDER_WIDTH`` rows/columns and of
+    the interior ``BORDER_MARGIN`` pixels in from every edge. A decoder that learnt its borders on other image sizes
+    draws bands there (see `ReconMetrics`'s border ratio)."""
+    _check_pair(a, b)
+    err = (a.float() - b.float()).abs()
+    w, m = BORDER_WIDTH, BORDER_MARGIN
+    parts = (err[:, :w], err[:, -w:], err[:, :, :w], err[:, :, -w:], err[:, m:-m, m:-m])
+    return torch.stack([p.flatten(1).mean(1) for p in parts], dim=1)
+
+
 def _gaussian_band(n: int, device: torch.device) -> torch.Tensor:
     """(n - 10, n) matrix whose rows are the 11-tap Gaussian at each 'valid' offset.
 
@@ -287,7 +308,9 @@ def reference_stats(key: str, compute_features: Callable[[], torch.Tensor | np.n
 
 
 class ReconMetrics:
-    """Accumulates (original, reconstruction) uint8 batches; ``compute()`` gives psnr, ssim, lpips and rfid.
+    """Accumulates (original, reconstruction) uint8 batches; ``compute()`` gives psnr, ssim, lpips and rfid, and two
+    diagnostics: ``colour`` (mean `colour_offset`, /255) and ``border`` (the worst of the four border strips'
+    mean error over the interior's, `border_errors`: 1 where borders are reconstructed like the rest).
 
     Features for rFID are kept whole (CPU, float64), since the covariance needs all of them. With
     ``reference`` = (mu, sigma) of the originals (see ``reference_stats``) the originals' features are not
@@ -312,6 +335,8 @@ class ReconMetrics:
         a, b = original.to(self.device), reconstruction.to(self.device)
         self.values["psnr"].append(psnr(a, b).cpu())
         self.values["ssim"].append(ssim(a, b).cpu())
+        self.values["colour"].append(colour_offset(a, b).cpu())
+        self.values["border"].append(border_errors(a, b).cpu())
         if self.lpips is not None:
             self.values["lpips"].append(lpips_distance(self.lpips, a, b))
         if self.inception is not None:
@@ -321,7 +346,7 @@ class ReconMetrics:
 
     def reset(self) -> None:
         """Forget the images seen so far; the networks and ``reference`` stay loaded."""
-        self.values = {"psnr": [], "ssim": [], "lpips": []}
+        self.values = {"psnr": [], "ssim": [], "lpips": [], "colour": [], "border": []}
         self.features = {"original": [], "reconstruction": []}
 
     def __len__(self) -> int:
@@ -329,7 +354,9 @@ class ReconMetrics:
 
     def compute(self) -> dict[str, float]:
         """Means over all images so far; a metric that was switched off (or rfid for < 2 images) is NaN."""
-        out = {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in self.values.items()}
+        out = {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in self.values.items() if k != "border"}
+        borders = torch.cat(self.values["border"]).mean(0) if self.values["border"] else torch.full((5,), float("nan"))
+        out["border"] = float(borders[:4].max() / borders[4])
         out["rfid"] = float("nan")
         if self.inception is not None and len(self) >= 2:
             real = self.reference or torch.cat(self.features["original"]).numpy()

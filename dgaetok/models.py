@@ -19,11 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import flow
 from .errors import InputError
-from .files import atomic_path, write_safetensors
+from .files import write_safetensors
 from .precision import Precision, autocast, resolve
 from .stats import LatentStats
 from .tiling import TileGrid, check_tiling
@@ -620,8 +619,7 @@ def save_model(model: Tokenizer, path: str | os.PathLike, dtype: torch.dtype | N
         metadata["latent_stats"] = model.latent_stats.to_json()
     if model.distilled is not None:
         metadata["distilled"] = model.distilled.to_json()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(tensors, path, metadata)  # the same bytes from every process: a model file's hash names it
 
 
 def save_with_stats(src: str | os.PathLike, stats: LatentStats, dst: str | os.PathLike) -> None:
@@ -706,8 +704,7 @@ def split_model_file(src: str | os.PathLike, folder: str | os.PathLike, max_byte
     paths = []
     for i, group in enumerate(groups, 1):
         paths.append(folder / f"{stem}.shard-{i}-of-{len(groups)}.safetensors")
-        with atomic_path(paths[-1]) as tmp:
-            save_file(group, str(tmp), metadata={**meta, "shard": f"{i}/{len(groups)}"})
+        write_safetensors(group, paths[-1], {**meta, "shard": f"{i}/{len(groups)}"})
     return paths
 
 

@@ -7,8 +7,8 @@
    ``--gpu-minutes`` is the session's device time as the device tool reports it, else run.json's wall time).
 2. Scores it with `bench rfid` on the evaluation set (all 500 images, 8 Euler steps, seed 0, LPIPS-alex), and the
    current default too unless ``weights/scores.json`` already holds its scores under the same settings.
-3. Replaces ``weights/default.safetensors`` (bfloat16) only if the new model is better: lower LPIPS and higher
-   PSNR. Either way it adds the session's row to the table in ``weights/README.md`` and keeps every score in
+3. Replaces ``weights/default.safetensors`` (bfloat16) only if the new model is better: higher PSNR and SSIM and
+   lower LPIPS. Either way it adds the session's row to the table in ``weights/README.md`` and keeps every score in
    ``weights/scores.json``.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dgaetok.bench import rfid  # noqa: E402
 from dgaetok.files import atomic_path  # noqa: E402
 from dgaetok.models import (file_sha256, join_model_files, load_model, read_model_file, save_model,  # noqa: E402
                             weights_dir)
+from dgaetok.precision import resolve  # noqa: E402
 
 TABLE_START, TABLE_END = "<!-- gpu-runs -->", "<!-- /gpu-runs -->"
 HEADER = ("| run started | card | GPU-min (run) | GPU-min (default, in all) | steps | img/s | MFU | PSNR | SSIM | "
@@ -36,13 +37,21 @@ HEADER = ("| run started | card | GPU-min (run) | GPU-min (default, in all) | st
 
 
 def score(path: Path, data: Path, limit: int | None, steps: int, cache: dict) -> dict:
-    """bench rfid's numbers for a model file, from ``cache`` when it holds them for the same settings."""
-    key = f"{file_sha256(path)}:{data.name}:{limit}:{steps}"
+    """bench rfid's numbers for a model file, from ``cache`` when it holds them for the same settings (the
+    precision included: auto picks it by the machine)."""
+    model = load_model(path)
+    precision = resolve(model.precision, next(model.parameters()).device).name
+    key = f"{file_sha256(path)}:{data.name}:{limit}:{steps}:{precision}"
     if key not in cache:
-        model = load_model(path)
         result = rfid(model, str(path), data, [steps], limit, batch_size=8, lpips_net="alex")
-        cache[key] = {**asdict(result.results[0]), "images": result.images, "device": result.device}
+        cache[key] = {**asdict(result.results[0]), "images": result.images, "device": result.device,
+                      "precision": precision}
     return cache[key]
+
+
+def better_than(new: dict, old: dict | None) -> bool:
+    """A candidate replaces the default only when PSNR, SSIM and LPIPS all improve."""
+    return old is None or (new["psnr"] > old["psnr"] and new["ssim"] > old["ssim"] and new["lpips"] < old["lpips"])
 
 
 def main() -> int:
@@ -77,7 +86,7 @@ def main() -> int:
     new = score(candidate, args.data, args.limit, args.steps, cache)
     current = weights / "default.safetensors"
     old = score(current, args.data, args.limit, args.steps, cache) if current.is_file() else None
-    better = old is None or (new["lpips"] < old["lpips"] and new["psnr"] > old["psnr"])
+    better = better_than(new, old)
     if better:
         with atomic_path(current) as tmp:
             tmp.write_bytes(candidate.read_bytes())

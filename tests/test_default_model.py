@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dgaetok import metrics
 from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
 from dgaetok.models import file_sha256, load_model, resolve_model
 
@@ -29,12 +30,11 @@ def stand_in_fails(what: str):
 
 
 def colour_offset(model, photos: list, size: int, steps: int = 8) -> float:
-    """Mean absolute per-channel colour offset (in /255) of reconstructions at ``size`` px, 8 Euler steps."""
+    """Mean `metrics.colour_offset` (in /255) of reconstructions at ``size`` px, 8 Euler steps."""
     x = torch.stack([to_tensor(center_crop(open_image(p), size, 1)[0]) for p in photos])
     z = model.encode(x).latent_dist.mode()
     recon = model.decode(z, steps=steps, generator=torch.Generator().manual_seed(0))
-    means = lambda images: to_uint8(images).float().mean(dim=(1, 2))  # noqa: E731  (N, 3)
-    return (means(recon) - means(x)).abs().mean().item()
+    return metrics.colour_offset(to_uint8(x), to_uint8(recon)).mean().item()
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,6 @@ def test_default_reconstructs_border_rows_like_interior_ones(shared_data):
     x = to_tensor(center_crop(open_image(photo), 256, 8)[0])[None]
     with torch.no_grad():
         recon = model.decode(model.encode(x).latent_dist.mode(), steps=8, generator=torch.Generator().manual_seed(0))
-    err = (to_uint8(x).float() - to_uint8(recon).float()).abs()[0]  # (H, W, 3)
-    interior = err[8:-8, 8:-8].mean().item()
-    strips = {"top": err[:3], "bottom": err[-3:], "left": err[:, :3], "right": err[:, -3:]}
-    ratios = {name: round(strip.mean().item() / interior, 2) for name, strip in strips.items()}
+    *strips, interior = metrics.border_errors(to_uint8(x), to_uint8(recon))[0].tolist()
+    ratios = {name: round(strip / interior, 2) for name, strip in zip(("top", "bottom", "left", "right"), strips)}
     assert max(ratios.values()) < MAX_BORDER_RATIO, ratios

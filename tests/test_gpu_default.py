@@ -72,7 +72,7 @@ def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data, monkeypatch
         new = load_model(weights / "default.safetensors")
         assert new.config.preset == "dgae-t" and new.encoder.conv_in.weight.dtype == torch.float32
 
-    # the rule, with constructed scores: replace only when PSNR and LPIPS both improve
+    # the rule, with constructed scores: replace only when PSNR, SSIM and LPIPS all improve
     spec = importlib.util.spec_from_file_location("gpu_default_collect", ROOT / "scripts" / "gpu_default_collect.py")
     collect = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(collect)
@@ -80,13 +80,51 @@ def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data, monkeypatch
     monkeypatch.setenv("DGAETOK_WEIGHTS", str(weights))
     monkeypatch.setattr(sys, "argv", ["gpu_default_collect.py", str(out), "--runs", str(tmp_path / "runs")])
     base = next(iter(scores.values()))
-    for psnr, lpips, becomes in ((21.0, 0.25, True), (21.0, 0.35, False), (19.0, 0.25, False), (20.0, 0.30, False)):
+    for psnr, ssim, lpips, becomes in ((21.0, 0.45, 0.25, True), (21.0, 0.45, 0.35, False), (19.0, 0.45, 0.25, False),
+                                       (21.0, 0.35, 0.25, False), (20.0, 0.40, 0.30, False)):
         shutil.copy(tmp_path / "tiny-5.safetensors", current)
         (weights / "README.md").write_text("# card\n")
         (weights / "scores.json").unlink()
         monkeypatch.setattr(collect, "score", lambda path, *args: {
-            **base, **({"psnr": 20.0, "lpips": 0.30} if path == current else {"psnr": psnr, "lpips": lpips})})
+            **base, **({"psnr": 20.0, "ssim": 0.40, "lpips": 0.30} if path == current else
+                       {"psnr": psnr, "ssim": ssim, "lpips": lpips})})
         assert collect.main() == 0
         (candidate,) = (tmp_path / "runs").glob("*/model.safetensors")
-        assert file_sha256(current) == (file_sha256(candidate) if becomes else before), (psnr, lpips)
+        assert file_sha256(current) == (file_sha256(candidate) if becomes else before), (psnr, ssim, lpips)
         assert (weights / "README.md").read_text().splitlines()[-2].endswith("| yes |" if becomes else "| no |")
+
+
+def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_better(tmp_path, train_photos):
+    """scripts/default_candidate.py on a tiny run laid out as train_default_cpu.sh lays its own: the candidate and
+    a scratch default are scored (colour and border too), the curve gets the bundled point and the candidate's,
+    with the candidate's training summed from its log, and a second look reuses the scores and adds no row."""
+    from dgaetok.train import TrainConfig, train
+
+    runs, weights = tmp_path / "runs", tmp_path / "weights"
+    train(TrainConfig(data=str(train_photos), out=str(runs / "crop128"), preset="dgae-t", resolution=64,
+                      downsample=8, latent_channels=4, batch_size=2, steps=3, warmup=1, lpips_weight=0.0,
+                      workers=0, log_every=1, ckpt_every=3, sample_every=100, stats_images=0, precision="fp32"))
+    weights.mkdir()
+    shutil.copy(save_tiny_model(tmp_path, seed=5), weights / "default.safetensors")
+    before = file_sha256(weights / "default.safetensors")
+    args = ("scripts/default_candidate.py", str(runs), "--data", str(train_photos), "--limit", "3", "--steps", "2",
+            "--replace")
+    done = run(*args, env={"DGAETOK_WEIGHTS": str(weights)})
+    rows = [json.loads(line) for line in (weights / "default-curve.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["bundled", "crop128"]
+    bundled, candidate = rows
+    assert bundled["cpu_hours"] == 1.25 and bundled["sha256"] == before[:16]
+    assert candidate["steps"] == {"crop128": 3} and candidate["images_seen"] == 6 and candidate["cpu_hours"] > 1.25
+    assert all(r["images"] == 3 and 0 < r["psnr"] < 60 and r["colour"] >= 0 and r["border"] > 0 for r in rows)
+    assert (weights / "default-curve.png").stat().st_size > 10_000
+    replaced = f"replaced {weights / 'default.safetensors'}" in done.stdout
+    assert replaced == candidate["better_than_default"] == (
+        candidate["psnr"] > bundled["psnr"] and candidate["ssim"] > bundled["ssim"]
+        and candidate["lpips"] < bundled["lpips"])
+    assert (file_sha256(weights / "default.safetensors") != before) == replaced
+    assert len(json.loads((weights / "scores.json").read_text())) == 2
+
+    if not replaced:  # looked at again: scores from the cache, the same two rows
+        run(*args, env={"DGAETOK_WEIGHTS": str(weights)})
+        assert len((weights / "default-curve.jsonl").read_text().splitlines()) == 2
+

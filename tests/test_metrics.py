@@ -16,8 +16,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from dgaetok.files import center_crop, open_image
-from dgaetok.metrics import (ReconMetrics, dataset_key, feature_stats, fid, frechet_distance, inception_features,
-                             lpips_distance, psnr, reference_stats, ssim)
+from dgaetok.metrics import (ReconMetrics, border_errors, colour_offset, dataset_key, feature_stats, fid,
+                             frechet_distance, inception_features, lpips_distance, psnr, reference_stats, ssim)
 from dgaetok.pretrained import NETS, fid_inception, lpips_model, read_state_dict, resolve
 
 def load_uint8(path: Path) -> torch.Tensor:
@@ -167,6 +167,28 @@ def test_recon_metrics_stream(pairs):
     perfect = same.compute()
     assert math.isinf(perfect["psnr"]) and perfect["ssim"] == 1 and perfect["lpips"] == 0
     assert math.isnan(perfect["rfid"])  # switched off
+
+
+def test_colour_offset_and_border_ratio_see_a_tint_and_a_band(pairs):
+    """JPEG noise has no tint and no band; +12 levels of red read as 4/255; darkening the bottom 3 rows of the JPEG
+    by 40 levels makes the bottom strip the worst border, far above the interior (the artefact of a decoder
+    trained on smaller crops)."""
+    original, recon = pairs
+    tinted = recon.clone()
+    tinted[..., 0] = (tinted[..., 0].int() + 12).clamp(0, 255).to(torch.uint8)
+    banded = recon.clone()
+    banded[:, -3:] = (banded[:, -3:].int() - 40).clamp(0, 255).to(torch.uint8)
+    assert colour_offset(original, recon).max() < 1.0
+    assert colour_offset(original, tinted).mean().item() == pytest.approx(4.0, abs=0.3)
+    plain, band = border_errors(original, recon), border_errors(original, banded)
+    assert band.shape == (4, 5) and (band[:, 1] > 2 * band[:, 4]).all()
+    assert torch.equal(band[:, [0, 4]], plain[:, [0, 4]])  # top and interior: untouched
+    metrics = {name: ReconMetrics(lpips_net=None, rfid=False) for name in ("plain", "tinted", "banded")}
+    for name, images in (("plain", recon), ("tinted", tinted), ("banded", banded)):
+        metrics[name].update(original, images)
+    plain, tint, band = (m.compute() for m in metrics.values())
+    assert plain["colour"] < 1.0 and tint["colour"] > 3.5 and band["colour"] > plain["colour"]
+    assert plain["border"] < 1.5 < band["border"]
 
 
 def test_reference_stats_are_computed_once(tmp_path, shared_data):

@@ -379,6 +379,18 @@ def test_split_and_join_model_files(tmp_path):
     assert file_sha256(tmp_path / "k1.safetensors") == file_sha256(tmp_path / "k2.safetensors") \
         == file_sha256(tmp_path / "j.safetensors")
 
+
+def test_a_model_saved_by_two_processes_is_the_same_file(tmp_path):
+    """save_model's bytes depend on the model and its metadata only (safetensors' own writer orders metadata by a
+    per-process hash seed): the same training run exported twice has one hash, which names it in cards and logs."""
+    code = ("import sys, torch; from dgaetok.models import MODELS, build_model, save_model; torch.manual_seed(0); "
+            "m = build_model(MODELS['dgae-t'](resolution=32)); "
+            "save_model(m, sys.argv[1], dtype=torch.bfloat16, step='7', source='a test', data='photos', weights='EMA')")
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True)
+    hashes = {file_sha256(tmp_path / name) for name in ("a.safetensors", "b.safetensors", "c.safetensors")}
+    assert len(hashes) == 1
+
 # --- borders: the bottom-row band of issue 14 -----------------------------------------------------------------
 
 

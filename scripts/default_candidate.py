@@ -1,0 +1,132 @@
+"""Scores the newest model of `scripts/train_default_cpu.sh` against the bundled default and keeps the card's curve.
+
+    python scripts/default_candidate.py [RUNS] [--limit N] [--replace]
+
+1. The candidate is the run's newest model (``RUNS/full256`` once that phase has begun, else ``RUNS/crop128``;
+   RUNS defaults to ~/.cache/dgaetok/runs/default). Its training so far: steps, images seen and hours of 2-core
+   CPU wall time, summed from the phases' ``log.jsonl`` (each record's images over its images/s) on top of the
+   ``--base-hours`` of the model the run warm-started from (the bundled stand-in's 75 minutes).
+2. `bench rfid` scores it and the bundled default on the evaluation set (all 500 images unless ``--limit``, 8
+   Euler steps, uniform grid, seed 0, LPIPS-alex; the default's scores come from ``weights/scores.json`` when it
+   holds them for the same settings): PSNR, SSIM, LPIPS, rFID, the mean colour offset and the border ratio.
+3. One JSON line per scored model in ``weights/default-curve.jsonl`` and the curve drawn from all of them,
+   ``weights/default-curve.png`` (PSNR, SSIM and LPIPS against CPU-hours, with the goals).
+4. With ``--replace``, and only if PSNR, SSIM and LPIPS all improve, the candidate becomes
+   ``weights/default.safetensors`` (bfloat16, its training recorded in the metadata).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dgaetok.files import atomic_path  # noqa: E402
+from dgaetok.models import file_sha256, load_model, save_model, weights_dir  # noqa: E402
+from dgaetok.plots import figure, save  # noqa: E402
+from gpu_default_collect import better_than, score  # noqa: E402
+
+PHASES = ("crop128", "full256")  # in the order train_default_cpu.sh runs them
+GOALS = {"psnr": 22.0, "ssim": 0.55, "lpips": 0.35}  # at 8 steps on the 500 evaluation images
+
+
+def run_progress(phase: Path) -> dict:
+    """Steps, images seen and training hours of one phase, from its checkpoint and log (the last record for each
+    step: a run killed between checkpoints logs some steps twice)."""
+    with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    batch, step = json.loads(meta["train_config"])["batch_size"], int(meta["step"])
+    records = {}
+    for line in (phase / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "img_per_s" in record and record["step"] <= step:
+            records[record["step"]] = record
+    seconds, last = 0.0, 0
+    for s in sorted(records):
+        seconds += (s - last) * batch / records[s]["img_per_s"]
+        last = s
+    return {"steps": step, "images": step * batch, "hours": seconds / 3600}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    fig = figure(12.6, 3.6)
+    for ax, (metric, label) in zip(fig.subplots(1, 3), (("psnr", "PSNR, dB"), ("ssim", "SSIM"),
+                                                        ("lpips", "LPIPS-alex (lower is better)"))):
+        points = sorted((r["cpu_hours"], r[metric]) for r in rows)
+        ax.plot(*zip(*points), marker="o", label="dgae-s f8c4")
+        ax.axhline(GOALS[metric], color="grey", linestyle="--", label="goal")
+        ax.set_xlabel("training, hours of a 2-core CPU")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize="small")
+    fig.suptitle(f"The default at 8 steps on {rows[-1]['images']} ImageNet validation images", fontsize="medium")
+    save(fig, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="?", default=Path.home() / ".cache" / "dgaetok" / "runs" / "default")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500")
+    parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--base-hours", type=float, default=1.25, help="training hours of the warm start")
+    parser.add_argument("--replace", action="store_true", help="make the candidate the default if it is better")
+    args = parser.parse_args()
+
+    phases = [args.runs / p for p in PHASES if (args.runs / p / "checkpoint.safetensors").is_file()]
+    if not phases:
+        raise SystemExit(f"{args.runs}: no run of scripts/train_default_cpu.sh there")
+    progress = [run_progress(p) for p in phases]
+    candidate = phases[-1] / "model.safetensors"
+    hours = args.base_hours + sum(p["hours"] for p in progress)
+    weights = weights_dir()
+    scores_file = weights / "scores.json"
+    cache = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
+    current = weights / "default.safetensors"
+    old = score(current, args.data, args.limit, args.steps, cache)
+    new = score(candidate, args.data, args.limit, args.steps, cache)
+    with atomic_path(scores_file) as tmp:
+        tmp.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
+
+    better = better_than(new, old)
+    curve_file = weights / "default-curve.jsonl"
+    rows = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
+    row = {"date": datetime.date.today().isoformat(), "sha256": file_sha256(candidate)[:16], "phase": phases[-1].name,
+           "steps": {p.name: r["steps"] for p, r in zip(phases, progress)},
+           "images_seen": sum(r["images"] for r in progress), "cpu_hours": hours,
+           **{k: new[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")},
+           "better_than_default": better}
+    if not rows:  # the curve starts at the model the run warm-started from
+        rows.append({"date": row["date"], "sha256": file_sha256(current)[:16], "phase": "bundled",
+                     "cpu_hours": args.base_hours, **{k: old[k] for k in ("images", "psnr", "ssim", "lpips",
+                                                                          "rfid", "colour", "border")}})
+    rows = [r for r in rows if r["sha256"] != row["sha256"]] + [row]
+    with atomic_path(curve_file) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot([r for r in rows if r["images"] == new["images"]], weights / "default-curve.png")
+
+    def line(name: str, s: dict) -> str:
+        return (f"{name}: PSNR {s['psnr']:.2f} SSIM {s['ssim']:.4f} LPIPS {s['lpips']:.4f} rFID {s['rfid']:.1f} "
+                f"colour {s['colour']:.2f}/255 border {s['border']:.2f}")
+
+    print(line("default  ", old))
+    print(line("candidate", new) + f"  ({row['images_seen']} images, {hours:.2f} CPU-hours)")
+    if better and args.replace:
+        save_model(load_model(candidate), current, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh",
+                   step=str(progress[-1]["steps"]), phase=phases[-1].name, data="train (1765 photos)",
+                   weights="EMA 0.999", cpu_hours=f"{hours:.2f}")
+        print(f"replaced {current}")
+    else:
+        print("better than the default" if better else "not better on all of PSNR, SSIM and LPIPS: default kept")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
