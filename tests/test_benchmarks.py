@@ -47,6 +47,11 @@ def test_the_gpu_script_rehearses_on_cpu_with_real_flop_counts(tmp_path):
     assert all(0 < p["top"][0]["share"] <= 1 and p["top"][0]["name"] for p in profiles)
     assert {"profile-unet.txt", "profile-train.txt", "profile-train-ckpt.txt", "throughput.log"} <= {
         p.name for p in out.iterdir()}
+    # last, the sample photos as a latent dataset under torchrun (one process), timed
+    (shards,) = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "shards"]
+    assert shards["status"] == "ok" and shards["images"] == 7 and shards["img_per_s"] > 0
+    assert len(list((out / "shards").glob("shard-*.safetensors"))) == 4
 
     unet, train, train_ckpt, _, decode1, decode4, _ = measured
     # the 4-step figure is extrapolated from 1 and 2 steps: it must equal a direct count
@@ -140,3 +145,24 @@ def test_the_time_guard_interrupts_work_in_python():
             pass
     with throughput.time_limit(None, "no limit"):
         pass
+
+
+def test_the_precision_benchmark_times_both_precisions_back_to_back(tmp_path, tiny_model_file):
+    """benchmarks/precision.py on a tiny model: the hardware ceiling rows first, then every row in fp32 and bf16,
+    the training rows in `training_layout` (a broken row is an error line, which this test refuses)."""
+    out = tmp_path / "precision.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--model", str(tiny_model_file), "--preset",
+           "--rows", "decode", "train", "--steps", "1", "--min-time", "0", "--train-batch", "2", "--train-crop",
+           "32", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    header, rows, _ = read_jsonl(out)
+    assert header["device"].startswith("CPU") and header["auto"].startswith("precision ")
+    assert not [r for r in rows if "error" in r]
+    assert [(r["preset"], r["what"], r["precision"]) for r in rows] == [
+        ("(hardware)", "matmul 2048x2048", "fp32"), ("(hardware)", "matmul 2048x2048", "bf16"),
+        ("(hardware)", "conv 3x3, 128 ch, 128x128", "fp32"), ("(hardware)", "conv 3x3, 128 ch, 128x128", "bf16"),
+        ("dgae-t", "decode", "fp32"), ("dgae-t", "decode", "bf16"),
+        ("dgae-t", "train step", "fp32"), ("dgae-t", "train step", "bf16")]
+    assert all(r["seconds_per_call"] > 0 for r in rows)
+    assert "bf16 speed-up" in done.stdout

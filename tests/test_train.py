@@ -321,10 +321,17 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, train_photos):
+@pytest.mark.parametrize("kind", ["train", "distill"])
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, train_photos, kind):
+    """Two gloo processes train like one process with two micro-batches, bit for bit; a distillation (a kind of
+    training run, with the teacher's targets made per micro-batch) too."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    cfg = dataclasses.asdict(tiny_config(train_photos, tmp_path / "run", steps=3))
+    extra = {}
+    if kind == "distill":
+        train(tiny_config(train_photos, tmp_path / "teacher", steps=3, stats_images=0))
+        extra = dict(teacher=str(tmp_path / "teacher" / "model.safetensors"), teacher_steps=2, stats_images=0)
+    cfg = dataclasses.asdict(tiny_config(train_photos, tmp_path / "run", steps=3, **extra))
     port = free_port()
     procs = []
     for rank in range(2):
@@ -364,7 +371,7 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, train_photos):
     # Gradients are summed in the same two halves (halving is exact in binary floats), so the runs agree bit for
     # bit; with 3 shards they would agree to float rounding
     losses = []
-    train(dataclasses.replace(tiny_config(train_photos, tmp_path / "accum", steps=3), accum=2),
+    train(dataclasses.replace(tiny_config(train_photos, tmp_path / "accum", steps=3, **extra), accum=2),
           on_step=lambda step, logs: losses.append(logs["loss"].item()))
     _, accumulated = read_tensors(tmp_path / "accum" / "checkpoint.safetensors")
     assert accumulated.keys() == ddp.keys()
