@@ -3,10 +3,10 @@
     python benchmarks/large_photo.py --out runs/large-photo            # then see runs/large-photo/result.json
     python benchmarks/large_photo.py --picture docs/large-photo.jpg     # also (re)writes the README's picture
 
-No photo in ../shared/data is that large (train/ is capped at 384 px, eval/ is about 500x375), so the test
-image is an evaluation photo, n04310018_steam_locomotive.JPEG (500x375, 4:3), upscaled 4.096x with Lanczos to
-2048x1536. Upscaling makes it smoother at fine scale than a camera's 2048 px photo, which is kind to the
-reconstruction; it is said wherever the picture is shown.
+No photo in the project's data is that large (the training photos are capped at 384 px, the evaluation images
+are about 500x375), so the test image is an evaluation photo, n04310018_steam_locomotive.JPEG (500x375, 4:3),
+upscaled 4.096x with Lanczos to 2048x1536. Upscaling makes it smoother at fine scale than a camera's 2048 px
+photo, which is kind to the reconstruction; it is said wherever the picture is shown.
 
 The round trip runs the real commands (printed) in subprocesses, each timed, with its peak RSS from
 ``/usr/bin/time``. On the result it reports PSNR against the upscaled photo and `tiling.seam_ratio` along the

@@ -1,38 +1,42 @@
-"""The paper's two claims on lent GPU sessions: Table 2 in miniature and DiT convergence on the latents (issue 17).
+"""The paper's two claims on rented or preemptible GPUs, in jobs of at most 10 minutes: Table 2 in miniature and
+DiT convergence on the latents.
 
-    python benchmarks/paper_gpu.py plan                           # here: the plan and what the next call will do
-    run(command="bash scripts/paper_gpu.sh", carry=[".gpu"], timeout_s=600)   # the device
-    python benchmarks/paper_gpu.py collect <files_at> --gpu-minutes M    # here: join, score, record, tabulate
+    python benchmarks/paper_gpu.py plan                      # the plan, and what the next GPU job will do
+    OUT=<the job's output folder> bash scripts/paper_gpu.sh  # the GPU job (LIMIT_S: its time limit, 600 s by default)
+    python benchmarks/paper_gpu.py collect <that folder, copied back> --gpu-minutes M   # join, score, record, tabulate
 
-A lent session gives one device call of at most 10 minutes, and nothing of it survives but what comes back through
-$OUT (8 files of at most 16 MiB); a new session starts from a fresh clone. So no model is trained across calls (its
-optimizer state cannot travel back): each one is trained from scratch to completion inside one call, and only its
-EMA weights return, as bf16 shards. Everything the next session needs lives in the committed results folder
-(``--state``, default ``benchmarks/results/paper-gpu/``): ``state.json`` (the plan, the calibration, which models
-and DiTs are done, their numbers and the calls that made them), training logs, grid strips, curve.csv; and when
-complete, table2.md / table2.json / table2.png / table2-grid.png and curve.png.
+Each GPU job (a "call": ``call.json`` records it) runs for at most 10 minutes, and nothing of it survives but what
+it leaves in its output folder, $OUT (kept to 8 files of at most 16 MiB each, so that it comes back whole); the next
+job may start from a fresh clone on another machine. So no model is trained across jobs (its optimizer state would
+not come back): each one is trained from scratch to completion inside one job, and only its EMA weights return, as
+bf16 shards. Everything the next job needs lives in the committed results folder (``--state``, default
+``benchmarks/results/paper-gpu/``): ``state.json`` (the plan, the calibration, which models and DiTs are done,
+their numbers and the jobs that made them), training logs, grid strips, curve.csv; and when complete, table2.md /
+table2.json / table2.png / table2-grid.png and curve.png.
 
-The plan (`PLANS`) is a list of call groups, each sized to fit one call: Table 2's models (`table2.SCALES`: DGAE
+The plan (`PLANS`) is a list of call groups, each sized to fit one job: Table 2's models (`table2.SCALES`: DGAE
 and SD-VAE at f16 c16, c8, c4, equal compute) and DiTs on tokenizer latents (the GPU default's, and those of
-models trained in the same call, since their weights exist only there and here, for the session). Each call
+models trained in the same job, since their weights exist only in its output folder until collected). Each job
 works on the first group with work left (and the next ones while time is left, ``--groups``):
 
-- **device** (`scripts/paper_gpu.sh`): calibrates the families not yet calibrated (seconds per training step on
-  this card, and the step count that fills the scale's minutes; every later call trains those step counts), then
-  trains each model of the group that is not done, if its time fits before the deadline, with the carried
-  pack (`scripts/make_gpu_pack.py`) on the device (`--data-on-device`), LPIPS-alex and SD-VAE's KL weight, like
-  the default. Each finished model is split into bf16 shards in $OUT and joined back, so the DiT reads the
-  very file the CPU will decode with. Each DiT trains on the latents of the group's tokenizers (`bench gen`
-  with ``defer_to``: no Inception here) and leaves its sampled latents in $OUT at each evaluation. ``call.json``
-  (card, calibration, per model its log and times, per DiT its sample files) is rewritten after every stage,
-  so a call killed at its limit still returns what it finished.
-- **collect** (here, the same session): joins the shards, scores each model with `bench rfid` on all 500
-  evaluation images (DGAE at 8 decode steps), decodes and scores the DiT samples (gFID, sFID, precision, recall
-  against the training photos; `gen.score_deferred`), records everything in ``--state`` and, once all six models
-  are in, writes the table and its figure. Resumable: a rerun skips what is recorded. The Inception scoring of
-  the DiT samples is the long part: see RESULTS.md for its CPU time.
+- **device** (`scripts/paper_gpu.sh`, the GPU job): calibrates the families not yet calibrated (seconds per
+  training step on this card, and the step count that fills the scale's minutes; every later job trains those
+  step counts), then trains each model of the group that is not done, if its time fits before the deadline, with
+  the pack the job takes along (`scripts/make_gpu_pack.py`) on the device (`--data-on-device`), LPIPS-alex and
+  SD-VAE's KL weight, like the default. Each finished model is split into bf16 shards in $OUT and joined back, so
+  the DiT reads the very file the CPU will decode with. Each DiT trains on the latents of the group's tokenizers
+  (`bench gen` with ``defer_to``: no Inception on the GPU) and leaves its sampled latents in $OUT at each
+  evaluation. ``call.json`` (card, calibration, per model its log and times, per DiT its sample files) is
+  rewritten after every stage, so a job stopped at its limit still returns what it finished.
+- **collect** (on the machine that keeps the repository, with the job's output folder copied back): joins the
+  shards, scores each model with `bench rfid` on all 500 evaluation images (DGAE at 8 decode steps), decodes and
+  scores the DiT samples (gFID, sFID, precision, recall against the training photos; `gen.score_deferred`),
+  records everything in ``--state`` and, once all six models are in, writes the table and its figure. Resumable:
+  a rerun skips what is recorded. The Inception scoring of the DiT samples is the long part: see RESULTS.md for
+  its CPU time.
 
-``--scale tiny`` runs the same code on the CPU in seconds; `tests/test_paper_gpu.py` rehearses two sessions with it.
+``--scale tiny`` runs the same code on the CPU in seconds; `tests/test_paper_gpu.py` rehearses a series of jobs
+with it.
 """
 from __future__ import annotations
 
@@ -60,10 +64,11 @@ from dgaetok.models import (DEFAULT_MODEL, file_sha256, join_model_files, load_m
                             split_model_file)
 
 SHARD_BYTES = 16 * 2**20
-RETURN_FILES, RETURN_BYTES = 8, 64 * 2**20  # what a device call brings back
+RETURN_FILES, RETURN_BYTES = 8, 64 * 2**20  # what a job leaves in OUT, at most, to be copied back whole
 
-# Call groups: each fits one lent call of 10 minutes (RESULTS.md has the arithmetic). "default" is the bundled
-# default (dgae-s2 f16c8 once issue 12 has trained it on the GPU); other DiT tokenizers are trained in the call.
+# Call groups: each fits one GPU job of 10 minutes (RESULTS.md has the arithmetic). "default" is the bundled
+# default (dgae-s2 f16c8 once scripts/gpu_default.sh has trained it on the GPU); other DiT tokenizers are trained
+# in the job.
 PLANS = {
     "gpu": [
         {"train": ["c16-sdvae", "c16-dgae"]},
@@ -76,7 +81,7 @@ PLANS = {
         {"train": ["c4-sdvae", "c4-dgae"], "dit": ["default", "c4-sdvae"]},
     ],
 }
-# The DiTs: equal steps on latents of one shape (8x16x16) are equal compute; `minutes` only guards the call.
+# The DiTs: equal steps on latents of one shape (8x16x16) are equal compute; `minutes` only guards the job.
 GEN = {
     "gpu": dict(dit="DiT-S/2", steps=1800, eval_every=600, minutes=1.6, batch_size=256, lr=1e-4, ema_decay=0.9999,
                 num_samples=2000, sample_steps=50, cfg=1.0, decode_steps=4, decode_shift=0.5, conditional=False,
@@ -89,7 +94,7 @@ GEN = {
 # default must be the GPU default, dgae-s2 f16c8, not the CPU stand-in's f8c4).
 DIT_LATENT = {"gpu": [8, 16, 16], "tiny": None}
 # Seconds a model or a DiT needs beyond its training: building it, LPIPS, decoding the pack onto the device,
-# shards and export; and the final export of a call. Estimates for the time guard, not measurements.
+# shards and export; and the final export of a job. Estimates for the time guard, not measurements.
 OVERHEAD_S = {"gpu": {"model": 25.0, "dit": 60.0, "reserve": 15.0}, "tiny": {"model": 0.0, "dit": 0.0,
                                                                              "reserve": 0.0}}
 
@@ -121,7 +126,7 @@ class State:
 
     def pending(self, group: dict) -> tuple[list[str], list[str]]:
         """(models to train, DiTs to run) of a call group: models not recorded, DiTs not recorded, and the
-        models those DiTs need, which exist only in the call that trains them."""
+        models those DiTs need, which exist only in the job that trains them."""
         dits = [t for t in group.get("dit", []) if self.data["dits"].get(t, {}).get("status") in (None, "lost")]
         need = [m for m in group["train"] if m not in self.data["models"] or m in dits]
         return need, dits
@@ -137,11 +142,11 @@ def gen_config(scale: str, **kw) -> GenConfig:
     return GenConfig(**{**GEN[scale], **kw})
 
 
-# --- the device call ---------------------------------------------------------------------------------------------
+# --- the GPU job -------------------------------------------------------------------------------------------------
 
 
 class Call:
-    """``call.json`` in $OUT: what this call did, rewritten after every stage."""
+    """``call.json`` in $OUT: what this job did, rewritten after every stage."""
 
     def __init__(self, out: Path, **facts):
         self.out, self.facts = out, {**facts, "calibration": {}, "models": {}, "dits": {}, "status": "running"}
@@ -174,7 +179,7 @@ def device(args) -> int:
     over = OVERHEAD_S[args.scale]
     state = State(args.state, args.scale)
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(args.work, ignore_errors=True)  # nothing carries over between calls but the committed state
+    shutil.rmtree(args.work, ignore_errors=True)  # nothing carries over between jobs but the committed state
     args.work.mkdir(parents=True)
     data = str(args.pack / "train")
     call = Call(args.out, scale=args.scale, card=table2.device_name(), torch=torch.__version__,
@@ -201,7 +206,7 @@ def device(args) -> int:
                     continue
                 run = args.work / name
                 cfg = table2.train_config(scale, family, channels, steps, data, run, args.seed)
-                cfg = dataclasses.replace(cfg, ckpt_every=steps, sample_count=0)  # checkpoints would not travel
+                cfg = dataclasses.replace(cfg, ckpt_every=steps, sample_count=0)  # checkpoints would not come back
                 start = time.time()
                 status = table2.train_run(run, cfg, time.monotonic() + left())
                 facts = {"status": status, "steps": table2.trained_step(run), "planned_steps": steps,
@@ -256,13 +261,14 @@ def run_dit(tok: str, args, transported: dict[str, Path], left, overhead: float)
 
 
 def check_return(out: Path) -> dict:
-    """What the device tool will bring back, against its limits (8 files of 16 MiB, 64 MiB, plain names)."""
+    """What the job leaves in OUT, against the limits that let it be copied back whole: at most RETURN_FILES files of
+    at most SHARD_BYTES each, RETURN_BYTES in all, plain names."""
     files = [p for p in out.rglob("*") if p.is_file()]
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in files}
     problems = [f"{len(files)} files (at most {RETURN_FILES})"] if len(files) > RETURN_FILES else []
     problems += [f"{n}: {s / 2**20:.1f} MiB (at most 16)" for n, s in sizes.items() if s > SHARD_BYTES]
-    problems += [f"{n}: a name the tool does not return" for n in sizes if not re.fullmatch(r"[\w.-]+(/[\w.-]+){0,2}",
-                                                                                           n)]
+    problems += [f"{n}: a name that may not be copied back" for n in sizes
+                 if not re.fullmatch(r"[\w.-]+(/[\w.-]+){0,2}", n)]
     if sum(sizes.values()) > RETURN_BYTES:
         problems.append(f"{sum(sizes.values()) / 2**20:.1f} MiB in all (at most 64)")
     return {"files": len(files), "mib": round(sum(sizes.values()) / 2**20, 2), "problems": problems}
@@ -274,10 +280,10 @@ def check_return(out: Path) -> dict:
 def collect(args) -> int:
     files = args.files
     if not (files / "call.json").is_file():
-        raise InputError(f"{files}: no call.json (not the files of a paper_gpu.sh call)")
+        raise InputError(f"{files}: no call.json (not the output folder of a paper_gpu.sh job)")
     call = json.loads((files / "call.json").read_text())
     if call["scale"] != args.scale:
-        raise InputError(f"{files}: a {call['scale']!r} call, not {args.scale!r}")
+        raise InputError(f"{files}: a {call['scale']!r} job, not {args.scale!r}")
     state = State(args.state, args.scale)
     scale = table2.SCALES[args.scale]
     runs = args.runs
@@ -296,14 +302,14 @@ def collect(args) -> int:
     transported = {}
     for name, m in call["models"].items():
         if m["status"] not in ("done", "diverged"):
-            print(f"{name}: {m['status']}: left for a later call")
+            print(f"{name}: {m['status']}: left for a later job")
             continue
         shards = sorted(files.glob(f"{name}.shard-*.safetensors"))
         transported[name] = join_model_files(shards, runs / "transported" / f"{name}.safetensors")
         if file_sha256(transported[name]) != m["sha256"]:
-            raise InputError(f"{transported[name]}: the joined shards differ from the device's file")
+            raise InputError(f"{transported[name]}: the joined shards differ from the GPU job's file")
         if name in state.data["models"]:
-            print(f"{name}: already in the table (from call {state.data['models'][name]['call']}); this one "
+            print(f"{name}: already in the table (from the job of {state.data['models'][name]['call']}); this one "
                   "serves its DiT only")
             continue
         logs = args.state / "logs"
@@ -330,7 +336,7 @@ def collect(args) -> int:
         if d["status"] != "sampled":
             print(f"dit {tok}: {d['status']}")
         elif state.data["dits"].get(tok, {}).get("status") in ("sampled", "scored"):
-            print(f"dit {tok}: already recorded (call {state.data['dits'][tok]['call']})")
+            print(f"dit {tok}: already recorded (the job of {state.data['dits'][tok]['call']})")
         else:
             spool_dit(tok, d, files, transported, call, state, args)
     if not args.no_score:
@@ -341,12 +347,12 @@ def collect(args) -> int:
 
 def spool_dit(tok: str, d: dict, files: Path, transported: dict[str, Path], call: dict, state: State, args) -> None:
     """Keep a DiT's samples and its tokenizer in the spool until they are scored: scoring takes CPU-hours (RESULTS.md)
-    and may span sessions; the samples are too large to commit, so they survive only where this machine keeps
-    ``--spool``, outside the clone."""
+    and may be spread over several runs of `score`; the samples are too large to commit, so they survive only where
+    this machine keeps ``--spool``, outside the clone."""
     where = f"{re.sub(r'[^0-9]', '', call['started'])}/{tok}"
     folder = args.spool / where
     folder.mkdir(parents=True, exist_ok=True)
-    model = transported.get(tok) or resolve_model(args.default_model)  # "default": the file the call read
+    model = transported.get(tok) or resolve_model(args.default_model)  # "default": the file the job read
     shutil.copyfile(model, folder / f"{tok}.safetensors")
     if file_sha256(folder / f"{tok}.safetensors") != d["model_hash"]:
         raise InputError(f"{model}: not the model the DiT's samples were drawn on ({d['model_hash']})")
@@ -419,7 +425,7 @@ def write_table(state: State, scale: table2.Scale, args) -> None:
     intro = (f"DGAE vs SD-VAE at f16 on GPUs, in jobs of at most 10 minutes ({', '.join(cards)}): {scale.minutes:g} min of training per "
              f"model on the card that calibrated ({cal['dgae']['device']}), fixed as step counts for every latent "
              f"size; scored on this machine ({rows[0]['images']} evaluation images). Budget: steps x the "
-             f"calibrated time per step; wall: the time the training took in its call.")
+             f"calibrated time per step; wall: the time the training took in its job.")
     table2.write_table(args.state, rows, scale, intro, {"calibration": cal})
     names = [table2.run_name(c, f) for c in state.data["plan"]["channels"] for f in table2.FAMILIES]
     table2.comparison_grid([args.state / "strips" / f"{n}.png" for n in names], scale, args.eval_data,
@@ -437,7 +443,7 @@ def print_status(state: State) -> None:
     if waiting:
         print(f"DiT samples to score here (`paper_gpu.py score`): {', '.join(waiting)}")
     spent = sum(c["gpu_minutes"] for c in state.data["calls"])
-    print(f"{len(state.data['calls'])} calls so far, {spent:.1f} GPU-minutes; table "
+    print(f"{len(state.data['calls'])} GPU jobs so far, {spent:.1f} GPU-minutes; table "
           + ("complete" if state.table_done() else "not complete"))
 
 
@@ -467,20 +473,22 @@ def main() -> int:
     scoring.add_argument("--spool", type=Path, default=Path.home() / ".cache" / "dgaetok" / "paper-gpu-spool",
                          help="DiT samples and their tokenizers until scored (outside the clone)")
     scoring.add_argument("--decode-batch", type=int, default=16)
-    sub.add_parser("score", parents=[common, scoring], help="here: decode and score the spooled DiT samples")
-    dev = sub.add_parser("device", parents=[common], help="on the device: the next call groups")
+    sub.add_parser("score", parents=[common, scoring], help="after collect: decode and score the spooled DiT samples")
+    dev = sub.add_parser("device", parents=[common], help="the GPU job (scripts/paper_gpu.sh): the next call groups")
     dev.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "paper-gpu" / "out")))
     dev.add_argument("--pack", type=Path, default=ROOT / ".gpu", help="from scripts/make_gpu_pack.py")
     dev.add_argument("--work", type=Path, default=Path("/tmp/dgaetok-paper-gpu"), help="emptied first")
-    dev.add_argument("--deadline", type=float, default=None, help="unix time by which the call must be done")
+    dev.add_argument("--deadline", type=float, default=None, help="unix time by which the job must be done")
     dev.add_argument("--job-minutes", "--session-minutes", dest="session_minutes", type=float, default=9.0,
                      help="the job's time when no --deadline")
     dev.add_argument("--groups", type=int, default=2, help="call groups to work on, while time is left")
-    col = sub.add_parser("collect", parents=[common, scoring], help="here: join, score and record a call's files")
+    col = sub.add_parser("collect", parents=[common, scoring], help="join, score and record a GPU job's output "
+                                                                    "folder, copied back")
     col.add_argument("files", type=Path, help="the GPU job's output folder (OUT), copied back")
     col.add_argument("--gpu-minutes", type=float, default=None, help="the GPU time the job took "
                                                                      "(default: its wall time)")
-    col.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500"))
+    col.add_argument("--eval-data", default=str(ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500"),
+                     help="the evaluation images (default: the project's evaluation data)")
     col.add_argument("--grid-rows", type=int, default=4)
     col.add_argument("--no-score", action="store_true", help="spool the DiT samples, score them later (`score`)")
     args = parser.parse_args()

@@ -1,10 +1,11 @@
 """The paper's Table 2 in miniature: DGAE vs SD-VAE at f16 with c = 16, 8, 4 (latents of 4096, 2048, 1024 values).
 
-    python benchmarks/table2.py --scale cpu                     # the 2-core CPU run in RESULTS.md
+    python benchmarks/table2.py --scale cpu                     # RESULTS.md's CPU run (2 cores)
     python benchmarks/table2.py --scale cpu --stop-minutes 30      # stop with a checkpoint (exit 3); rerun to go on
 
-On lent GPU sessions, where nothing survives a call but what comes back through $OUT, the same functions run
-split in two: `benchmarks/paper_gpu.py` trains on the device and scores here.
+On rented or preemptible GPUs, in jobs with a time limit where nothing survives but what the job leaves in its
+output folder ($OUT), the same functions run split in two: `benchmarks/paper_gpu.py` trains in the GPU job and
+scores on the machine that collects its output.
 
 Within a latent size the two families share everything but the decoder and its loss: the encoder (same code,
 config and seed), data, crops, batch, optimizer, LPIPS and KL weights, and compute. Compute is matched in wall
@@ -12,7 +13,7 @@ time on the device that calibrates: each family first times a few training steps
 without and with the GAN) at the first latent size, and its step count is set to fill ``--minutes``; the same step
 count serves the other latent sizes, whose training FLOPs differ by less than 0.5 % (only the encoder's last and
 the decoder's first convolution change with c). So the faster SD-VAE step gets more steps, as "same GPU-minutes"
-means, and a later session on a faster card trains the same steps rather than more. Step counts are fixed before
+means, and a later job on a faster card trains the same steps rather than more. Step counts are fixed before
 training, so the cosine schedule ends where it should and a resumed run is exact.
 
 Every stage leaves its result in OUT and is skipped when the driver is rerun: plan.json (the calibration),
@@ -74,11 +75,12 @@ class Scale:
 
 
 SCALES = {
-    # ~5M-parameter models on 64 px crops: the 2-core CPU trains all six in an hour and a half.
+    # ~5M-parameter models on 64 px crops: a 2-core CPU trains all six in an hour and a half.
     "cpu": Scale("dgae-s", "sdvae-s", 256, 64, 8, 2e-4, 15.0, 50, (8,)),
-    # The lent-GPU table (benchmarks/paper_gpu.py; plan in RESULTS.md): dgae-s2 (the GPU default's architecture)
-    # against sdvae-s, the same encoder, 146 vs 143 training GFLOP per 256 px image (SD-VAE's with its GAN on),
-    # trained with the default's recipe and data path; scored on all 500 evaluation images at 8 decode steps.
+    # The GPU table, in jobs of at most 10 minutes (benchmarks/paper_gpu.py; plan in RESULTS.md): dgae-s2 (the GPU
+    # default's architecture) against sdvae-s, the same encoder, 146 vs 143 training GFLOP per 256 px image (SD-VAE's
+    # with its GAN on), trained with the default's recipe and data path; scored on all 500 evaluation images at 8
+    # decode steps.
     "gpu": Scale("dgae-s2", "sdvae-s", 256, None, 64, 2e-4, 3.25, None, (8,), warmup_steps=100, min_lr=2e-5,
                  workers=8, calibration_steps=30, data_on_device=True, grid_size=128),
     # seconds in all: the test suite's end-to-end check of this driver, not an experiment.
@@ -91,7 +93,8 @@ NAMES = {"sdvae": "SD-VAE", "dgae": "DGAE"}
 
 
 class SessionOver(Exception):
-    """Raised from the training hook at the session's deadline; `train` checkpoints before passing it on."""
+    """Raised from the training hook at the deadline (``--stop-minutes``, or the end of a GPU job's time); `train`
+    checkpoints before passing it on."""
 
 
 def run_name(channels: int, family: str) -> str:
@@ -165,7 +168,7 @@ def trained_step(run: Path) -> int:
 
 def train_run(run: Path, cfg: TrainConfig, deadline: float) -> str:
     """Train (or resume) one model to its planned steps: 'done', 'diverged' or 'paused' (at ``deadline``, a
-    `time.monotonic` value). Wall time is added up in run/time.json over sessions."""
+    `time.monotonic` value). Wall time is added up in run/time.json over reruns."""
     if (run / "diverged.json").exists():
         return "diverged"
     if trained_step(run) >= cfg.steps:

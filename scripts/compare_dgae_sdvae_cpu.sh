@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side DGAE vs SD-VAE at one equal small size and budget, on CPU (issue 4's check, Table 2 in miniature):
+# Side-by-side DGAE vs SD-VAE at one equal small size and budget, on CPU (the paper's Table 2 in miniature):
 # the same encoder (dgae-s / sdvae-s share it), latent f8 c4, data, crops, batch, steps, optimizer, LPIPS weight
 # and seed; only the decoder family and its loss differ. Both runs go side by side, one core each, then
 # `bench rfid` scores both on the first $LIMIT evaluation images. Resumable: re-run after an interruption.

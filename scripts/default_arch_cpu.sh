@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12, item 1: the default's architecture, chosen by cheap CPU comparisons at equal steps (resumable).
+# The default's architecture, chosen by cheap CPU comparisons at equal steps (resumable).
 # Three runs on the same data, crops, batch, steps, optimizer and loss (velocity + KL + LPIPS-alex):
 #   s-f16c8   dgae-s  (U-Net on pixels, 32 channels; 43 GFLOP per decoder pass at 256 px)
 #   s2-f16c8  dgae-s2 (U-Net on 2x2 patches, 64 channels; 39 GFLOP per pass)

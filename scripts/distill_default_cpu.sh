@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Distils the bundled default (weights/default.safetensors) into a one-step decoder on ../shared/data/train and
+# Distils the bundled default (weights/default.safetensors) into a one-step decoder on the training photos and
 # exports it as weights/default-1step.safetensors (bfloat16). The teacher's targets: 8 Euler steps on the
 # shift-0.5 grid, its best few-step grid (benchmarks/RESULTS.md, "Few-step decoding"). One thread per process:
-# on a 2-core machine shared with other jobs, OpenMP spin-waiting against them makes two threads slower.
+# on a small machine that is busy with other work, OpenMP threads spin-waiting for a core make two threads slower
+# than one.
 # MINUTES is the wall-time budget (the run ends with a checkpoint); re-run with the same settings to resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."

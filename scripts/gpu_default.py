@@ -1,22 +1,22 @@
-"""Train the bundled default for one lent GPU session and leave what it made in OUT as it goes (issue 12).
+"""Train the bundled default in one GPU job with a time limit, leaving what it made in OUT as it goes.
 
-    bash scripts/gpu_default.sh                      # on the device: CUDA tests, then this, until 60 s before the limit
+    bash scripts/gpu_default.sh                      # the job: CUDA tests, then this, until 60 s before the limit
     python scripts/gpu_default.py --rehearse --out /tmp/out --pack /tmp/pack   # the CPU rehearsal (tests run it)
 
 What it does:
 1. Measures, in this process, the card's matmul peak and counts the training FLOPs per image (meta device).
-2. Warm-starts from the default in weights/ when that is the same model (same config): every lent session adds
+2. Warm-starts from the default in weights/ when that is the same model (same config): every GPU job adds
    its minutes to the last one's. A fresh optimizer and a short warm-up; the cosine schedule ends at the deadline
    (`train --minutes`).
-3. Trains `dgaetok train --data-on-device` on the carried pack (scripts/make_gpu_pack.py), bf16 autocast,
-   channels_last, fused AdamW.
-4. Every ``--export-every`` seconds, and at the end, writes to OUT: the EMA weights in bf16 as shards of at most
-   16 MiB (``model.shard-i-of-n.safetensors``), ``log.jsonl``, the latest reconstruction grid (``samples.png``)
-   and ``run.json`` (card, command, peak, FLOPs, img/s, MFU, steps, seconds). A call killed at its limit still
-   returns the last export.
+3. Trains `dgaetok train --data-on-device` on the pack the job takes along (scripts/make_gpu_pack.py), bf16
+   autocast, channels_last, fused AdamW.
+4. Every ``--export-every`` seconds, and at the end, writes to OUT (the job's output folder): the EMA weights in
+   bf16 as shards of at most 16 MiB (``model.shard-i-of-n.safetensors``), ``log.jsonl``, the latest reconstruction
+   grid (``samples.png``) and ``run.json`` (card, command, peak, FLOPs, img/s, MFU, steps, seconds). A job
+   stopped at its limit still leaves the last export there.
 
-Back on the CPU machine, `scripts/gpu_default_collect.py` joins the shards, scores the model and replaces the
-default only if it is better.
+Copy the job's output folder back; then `scripts/gpu_default_collect.py`, on any machine (a CPU will do), joins
+the shards, scores the model and replaces the default only if it is better.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from dgaetok.flops import matmul_peak, training_flops_per_image  # noqa: E402
 from dgaetok.models import DEFAULT_MODEL, DGAEConfig, read_model_file, resolve_model, split_model_file  # noqa: E402
 from dgaetok.train import TrainConfig, train  # noqa: E402
 
-# The default's recipe (issue 12): dgae-s2 at f16 c8, trained at the resolution it is used at.
+# The default's recipe: dgae-s2 at f16 c8, trained at the resolution it is used at.
 RECIPE = dict(preset="dgae-s2", downsample=16, latent_channels=8, resolution=256, batch_size=64, lr=2e-4,
               min_lr=2e-5, warmup=100, lpips_net="alex", ema_decay=0.999, log_every=25, ckpt_every=250,
               sample_every=1000, sample_steps=8, sample_count=8)
@@ -65,7 +65,7 @@ def warm_start_file(config: DGAEConfig, choice: str) -> tuple[str | None, float]
 
 
 class Session:
-    """run.json: what this call measured, rewritten at every export."""
+    """run.json: what this job measured, rewritten at every export."""
 
     def __init__(self, out: Path, **facts):
         self.out, self.facts = out, facts
@@ -77,7 +77,7 @@ class Session:
 
 
 def export(work: Path, out: Path, session: Session, flops: float, peak: float, t_start: float) -> None:
-    """The EMA weights as bf16 shards, the log, the latest grid and the session's numbers, into OUT."""
+    """The EMA weights as bf16 shards, the log, the latest grid and the job's numbers, into OUT."""
     if (work / "model.safetensors").is_file():
         for old in out.glob("model.shard-*.safetensors"):
             old.unlink()
@@ -99,7 +99,8 @@ def export(work: Path, out: Path, session: Session, flops: float, peak: float, t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pack", type=Path, default=ROOT / ".gpu", help="from scripts/make_gpu_pack.py")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs/gpu-default/out")))
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs/gpu-default/out")),
+                        help="the job's output folder (default: $OUT, else runs/gpu-default/out)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dgaetok-gpu-default"), help="the training folder")
     parser.add_argument("--deadline", type=float, default=None, help="unix time by which training ends")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time when no --deadline is given")
@@ -116,7 +117,7 @@ def main() -> int:
     recipe = REHEARSAL if args.rehearse else RECIPE
     device = torch.device("cpu" if args.rehearse else args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(args.work, ignore_errors=True)  # each session starts over from the default
+    shutil.rmtree(args.work, ignore_errors=True)  # each job starts over from the default
     cfg = TrainConfig(data=str(args.pack / "train"), out=str(args.work), steps=args.steps, device=str(device),
                       data_on_device=True, workers=8, seed=int(t_start), **recipe)
     config = cfg.model_config()

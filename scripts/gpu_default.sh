@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Issue 12's prepared device call: train the default for one lent GPU session. From this machine:
-#   python scripts/make_gpu_pack.py          # once: .gpu/ (photos, wheels, LPIPS weights), checks the 64 MiB budget
-#   run(command="bash scripts/gpu_default.sh", carry=[".gpu"], timeout_s=600)
-# then, back here: python scripts/gpu_default_collect.py /work/.device/...  (joins, scores, replaces if better).
-# 1. CUDA tests (90 s at most): a lent GPU is never spent training with a broken build.
-# 2. scripts/gpu_default.py trains until 60 s before the call's limit (LIMIT_S, 600), exporting to $OUT as it goes.
+# Train the default on a rented or preemptible GPU, as one job with a time limit (LIMIT_S, 600 s by default):
+#   python scripts/make_gpu_pack.py   # once, beforehand: .gpu/ (photos, wheels, LPIPS weights), the pack the job
+#                                     # takes along; it checks the size limit of what the job takes (--budget-mib)
+#   OUT=<the job's output folder> bash scripts/gpu_default.sh     # the job, on the GPU, with .gpu/ in the checkout
+# then copy the job's output folder back, and: python scripts/gpu_default_collect.py <that folder> --gpu-minutes M
+# (joins, scores, replaces the default if better).
+# 1. CUDA tests (90 s at most): GPU time is never spent training with a broken build.
+# 2. scripts/gpu_default.py trains until 60 s before the job's limit (LIMIT_S), exporting to $OUT as it goes, so a
+#    job stopped at its limit keeps the last export.
 # 3. The slow CUDA tests (compilation), with what time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."

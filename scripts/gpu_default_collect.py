@@ -1,14 +1,15 @@
-"""Back on the CPU machine after `scripts/gpu_default.sh`: join the shards, score, and replace the default if better.
+"""After `scripts/gpu_default.sh`, on the job's output folder copied back: join the shards, score, and replace the
+default if better. Any machine will do (a CPU is enough).
 
-    python scripts/gpu_default_collect.py /work/.device/<call>/files --gpu-minutes 14.2
+    python scripts/gpu_default_collect.py path/to/the/job-output --gpu-minutes 14.2
 
 1. Joins ``model.shard-*.safetensors`` into ``runs/gpu-default/<date>/model.safetensors`` and records in its
-   metadata the GPU-minutes it holds in all (``gpu_minutes``: the warm start's plus this session's;
-   ``--gpu-minutes`` is the session's device time as the device tool reports it, else run.json's wall time).
+   metadata the GPU-minutes it holds in all (``gpu_minutes``: the warm start's plus this job's;
+   ``--gpu-minutes`` is the GPU time the job took, as the GPU provider bills it, else run.json's wall time).
 2. Scores it with `bench rfid` on the evaluation set (all 500 images, 8 Euler steps, seed 0, LPIPS-alex), and the
    current default too unless ``weights/scores.json`` already holds its scores under the same settings.
 3. Replaces ``weights/default.safetensors`` (bfloat16) only if the new model is better: higher PSNR and SSIM and
-   lower LPIPS. Either way it adds the session's row to the table in ``weights/README.md`` and keeps every score in
+   lower LPIPS. Either way it adds the job's row to the table in ``weights/README.md`` and keeps every score in
    ``weights/scores.json``.
 """
 from __future__ import annotations
@@ -58,7 +59,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", type=Path, help="the GPU job's output folder (OUT), copied back")
     parser.add_argument("--gpu-minutes", type=float, default=None, help="the GPU time the job took (default: its run.json wall time)")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500",
+                        help="the evaluation images (default: the project's evaluation data)")
     parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "gpu-default")
@@ -67,7 +69,7 @@ def main() -> int:
     session = json.loads((args.files / "run.json").read_text())
     shards = sorted(args.files.glob("model.shard-*.safetensors"))
     if not shards:
-        raise SystemExit(f"{args.files}: no model shards (session status: {session.get('status')})")
+        raise SystemExit(f"{args.files}: no model shards (the job's status: {session.get('status')})")
     stamp = session["started"].replace(" UTC", "").replace(" ", "T").replace(":", "")
     run = args.runs / stamp
     run.mkdir(parents=True, exist_ok=True)

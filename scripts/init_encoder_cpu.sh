@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `train --init-encoder` against training from scratch, on CPU at small scale (issue 15's measurement).
+# `train --init-encoder` against training from scratch, on CPU at small scale: does starting DGAE from a trained
+# SD-VAE encoder reconstruct better after equal steps?
 # 1. sdvae-s f8c4 trains first (its encoder is the one DGAE starts from; no GAN term within these steps).
 # 2. Three dgae-s f8c4 runs side by side, one thread each, equal steps and data: from scratch, from the SD-VAE
 #    encoder, and from it frozen for the first half. 3. `bench rfid` scores each on the first $LIMIT evaluation

@@ -1,22 +1,22 @@
-"""Build the pack that a device call carries: training photos, the wheels the GPU machine lacks, LPIPS weights.
+"""Build the pack a GPU job takes along (.gpu/): training photos, the wheels the GPU machine lacks, LPIPS weights.
 
-    python scripts/make_gpu_pack.py                      # -> .gpu/ (ignored by git; name it in the run's carry)
+    python scripts/make_gpu_pack.py                      # -> .gpu/ (ignored by git; send it with the checkout)
     python scripts/make_gpu_pack.py --limit 8 --out /tmp/pack --no-wheels   # a tiny pack, for the CPU rehearsal
 
-A device call carries the working tree and at most 64 MiB in all, with the repository's tracked files (the default
-weights among them). What it holds:
+A GPU job takes along the working tree and this pack, and what it takes is kept under a size limit
+(``--budget-mib``), the repository's tracked files (the default weights among them) included. What the pack holds:
 
-- ``train/<folder>/<name>.jpg``: every photo of ``../shared/data/train`` as `dgaetok train` sees it at 256 px: the
+- ``train/<folder>/<name>.jpg``: every training photo (``--data``) as `dgaetok train` sees it at 256 px: the
   shorter side resized to 256 (PIL bicubic, `files.resize_shorter_side`), the longer side center-cropped to at
   most 320 (random 256 crops still move by up to 64 px), re-encoded as JPEG quality 80. About 35 MiB.
-- ``whl/``: lpips and pytorch-fid, which the device lacks (it has torch, torchvision, numpy, scipy, tqdm, pillow,
-  typer, rich, safetensors). Fetched with pip once, here.
+- ``whl/``: lpips and pytorch-fid, which a GPU machine without a package index lacks (the job expects torch,
+  torchvision, numpy, scipy, tqdm, pillow, typer, rich, safetensors there). Fetched with pip once, by this script.
 - ``lpips-alex.safetensors``: LPIPS' AlexNet trunk in float16 (4.9 MiB; loaded as float32). The training loss uses
   LPIPS-alex, not the paper's VGG: VGG's trunk is 29 MiB even in float16, and with the photos and the default's
-  weights it does not fit the 64 MiB a call can carry.
+  weights it does not fit the size limit of what the job takes along (``--budget-mib``, 64 by default).
 
-`scripts/gpu_env.sh`, sourced on the device, installs the wheels and points dgaetok at the weights. The script
-prints what the call will carry and exits 1 when that is over ``--budget-mib``.
+`scripts/gpu_env.sh`, sourced at the start of the GPU job, installs the wheels and points dgaetok at the weights.
+The script prints what the job will take along and exits 1 when that is over ``--budget-mib``.
 """
 from __future__ import annotations
 
@@ -67,14 +67,17 @@ def folder_bytes(path: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "train")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "train",
+                        help="the training photos (default: the project's training photos)")
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu")
     parser.add_argument("--size", type=int, default=256, help="shorter side (the training resolution)")
     parser.add_argument("--max-aspect", type=float, default=1.25, help="longer side at most this times --size")
     parser.add_argument("--quality", type=int, default=80)
     parser.add_argument("--limit", type=int, default=None, help="only the first N photos")
     parser.add_argument("--no-wheels", action="store_true", help="skip the wheels (a pack for this machine)")
-    parser.add_argument("--budget-mib", type=float, default=64.0, help="the most the repository and pack may weigh together, in MiB")
+    parser.add_argument("--budget-mib", type=float, default=64.0,
+                        help="the size limit of what the job takes along: the repository's tracked files and the "
+                             "pack together, in MiB")
     args = parser.parse_args()
 
     photos = find_files(args.data, IMAGE_SUFFIXES)[:args.limit]
@@ -100,7 +103,7 @@ def main() -> int:
     total = sum(sizes.values())
     print(f"{len(jobs) - len(failed)} photos in {train}; "
           + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
-          + f"; a call carries {total / 2**20:.1f} of {args.budget_mib:.0f} MiB")
+          + f"; the job takes along {total / 2**20:.1f} of {args.budget_mib:.0f} MiB")
     return 0 if total <= args.budget_mib * 2**20 else 1
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Issue 17's prepared device call: the next call group of benchmarks/paper_gpu.py's plan (Table 2 models, DiTs).
-#   python scripts/make_gpu_pack.py          # once per session: .gpu/ (photos, wheels, LPIPS-alex); checks 64 MiB
-#   run(command="bash scripts/paper_gpu.sh", carry=[".gpu"], timeout_s=600)
-# then, back here, in the same session (the trained models exist only in the call's files):
-#   python benchmarks/paper_gpu.py collect <files_at> --gpu-minutes <the session's device minutes>
+# One GPU job of benchmarks/paper_gpu.py's plan (Table 2 models, DiTs): the next call groups with work left, on a
+# rented or preemptible GPU, within the job's time limit (LIMIT_S, 600 s by default).
+#   python scripts/make_gpu_pack.py   # beforehand: .gpu/ (photos, wheels, LPIPS-alex), the pack the job takes
+#                                     # along; it checks the size limit of what the job takes (--budget-mib)
+#   OUT=<the job's output folder> bash scripts/paper_gpu.sh       # the job, on the GPU, with .gpu/ in the checkout
+# then copy the job's output folder back and collect it before it is lost (the trained models exist only there):
+#   python benchmarks/paper_gpu.py collect <that folder> --gpu-minutes <the GPU minutes the job took>
 # The state it works from is the committed benchmarks/results/paper-gpu/state.json: commit what collect wrote
-# before the next session. Everything goes to $OUT as it is made; LIMIT_S (600) is the call's limit.
+# before the next job. Everything goes to $OUT as it is made.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)

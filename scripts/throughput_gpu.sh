@@ -28,7 +28,7 @@ if [[ "${REHEARSE:-0}" == 1 ]]; then
   deadline=${DEADLINE:-600}
   photos=examples/photos per_shard=2
 else
-  # the device's python has torch but not lpips: gpu_env.sh installs the wheels carried in .gpu/
+  # the GPU machine's python may have torch but not lpips: gpu_env.sh installs the wheels taken along in .gpu/
   if [[ -f scripts/gpu_env.sh ]]; then
     source scripts/gpu_env.sh || echo "warning: scripts/gpu_env.sh failed; the training rows will report why"
   fi

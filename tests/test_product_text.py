@@ -1,9 +1,12 @@
 """What the product says to its users: every --help screen describes every option, and no text a user reads
 (README, docs/, the model card, RESULTS, the sample photos' provenance, --help, `dgaetok info` of the bundled
-model) speaks of how the project is developed rather than of the tool."""
+model, the comments, docstrings and messages of scripts/ and benchmarks/) speaks of how the project is developed
+rather than of the tool."""
 from __future__ import annotations
 
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,15 @@ INTERNAL = {
     "its machine": r"\bthe 2-core CPU\b|shared with other jobs|other agents?\b",
 }
 
+# The scripts in scripts/ and benchmarks/ are read by users who train or benchmark on their own (or rented) machines.
+# They legitimately take their output folder from $OUT and default to the project's data beside the clone
+# (../shared/data), so those two categories do not apply to them; the rest does, and `files_at` still counts.
+SCRIPT_INTERNAL = {**{what: pattern for what, pattern in INTERNAL.items()
+                      if what not in ("the device's output folder", "the project's data beside the clone")},
+                   "the device's output folder": r"\bfiles_at\b"}
+SCRIPTS = sorted(p for p in [*(ROOT / "scripts").iterdir(), *(ROOT / "benchmarks").glob("*.py"),
+                             *(ROOT / "benchmarks").glob("*.sh")] if p.is_file() and p.suffix in (".py", ".sh"))
+
 DOCS = [ROOT / "README.md", ROOT / "weights" / "README.md", ROOT / "benchmarks" / "RESULTS.md",
         ROOT / "examples" / "photos" / "PROVENANCE.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -50,13 +62,38 @@ def help_screen(path: list[str]) -> str:
     return result.output
 
 
-def internal_terms(text: str) -> list[str]:
+def internal_terms(text: str, patterns: dict[str, str] = INTERNAL, first_line: int = 1) -> list[str]:
     found = []
-    for what, pattern in INTERNAL.items():
+    for what, pattern in patterns.items():
         for m in re.finditer(pattern, text, flags=re.IGNORECASE):
-            line = text[:m.start()].count("\n") + 1
+            line = first_line + text[:m.start()].count("\n")
             found.append(f"line {line}: {m.group(0)!r} ({what})")
     return found
+
+
+def prose(text: str, python: bool) -> list[tuple[int, str]]:
+    """What a reader of a script reads as words, as (first line, text): a shell script whole (its commands are
+    short and name no identifiers of the project's development); of Python, the comments and string literals
+    (docstrings, --help texts, messages), f-strings without their {expressions}, so that variable names are not
+    read as prose. Command-line option names are left out everywhere: they are an interface that scripts and users
+    already call (an old alias such as --session-minutes stays working), not text."""
+    if not python:
+        parts = [(1, text)]
+    else:
+        parts = []
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.STRING and re.match(r"[rRbBuU]*[fF]", tok.string):  # Python < 3.12
+                string, previous = tok.string, None
+                while string != previous:
+                    previous, string = string, re.sub(r"\{[^{}]*\}", "", string)
+                parts.append((tok.start[0], string))
+            elif tok.type in (tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", None)):
+                parts.append((tok.start[0], tok.string))
+    return [(line, re.sub(r"(?<![\w-])--[A-Za-z][\w-]*", "--option", part)) for line, part in parts]
+
+
+def script_terms(text: str, python: bool) -> list[str]:
+    return [term for line, part in prose(text, python) for term in internal_terms(part, SCRIPT_INTERNAL, line)]
 
 
 def test_the_terms_are_found_where_they_are():
@@ -79,6 +116,33 @@ def test_the_product_texts_exist():
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_docs_speak_of_the_tool_only(path):
     assert internal_terms(path.read_text()) == []
+
+
+def test_the_script_scan_reads_the_words_not_the_code():
+    """Comments, docstrings, help texts and messages are read; identifiers, f-string expressions and option names
+    are not; $OUT and ../shared/data are a script's own defaults."""
+    python = ('"""Train for issue 12."""\n'
+              'session = Session()  # on a lent GPU\n'
+              'parser.add_argument("--session-minutes", help="the session\'s minutes")\n'
+              'print(f"{session.get(\'status\')}: see files_at")\n'
+              'out = os.environ.get("OUT", "../shared/data/train")  # $OUT, else ../shared/data\n')
+    found = script_terms(python, python=True)
+    assert [term.split(":")[0] for term in found] == ["line 1", "line 2", "line 3", "line 4"], found
+    assert script_terms("# the device call: run(command=..., carry=[...])\nout=${OUT:-runs/x}\n", python=False)
+    assert script_terms("out=${OUT:-runs/x}  # or $OUT\ndata=../shared/data/train\n", python=False) == []
+    assert script_terms("python benchmarks/table2.py --session-minutes 30\n", python=False) == []
+
+
+def test_the_scripts_are_scanned():
+    names = {p.relative_to(ROOT).as_posix() for p in SCRIPTS}
+    assert {"scripts/gpu_default.sh", "scripts/gpu_default.py", "scripts/gpu_default_collect.py",
+            "scripts/gpu_env.sh", "scripts/make_gpu_pack.py", "scripts/paper_gpu.sh", "scripts/throughput_gpu.sh",
+            "benchmarks/paper_gpu.py", "benchmarks/table2.py", "benchmarks/few_step.sh"} <= names
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_scripts_speak_of_the_tool_only(path):
+    assert script_terms(path.read_text(), python=path.suffix == ".py") == []
 
 
 def test_help_screens_speak_of_the_tool_only():
