@@ -3,7 +3,8 @@
     python scripts/default_candidate.py [RUNS] [--limit N] [--replace]
 
 1. The candidate is the run's newest model (``RUNS/full256`` once that phase has begun, else ``RUNS/crop128``;
-   RUNS defaults to ~/.cache/dgaetok/runs/default). Its training so far: steps, images seen and hours of 2-core
+   RUNS defaults to ~/.cache/dgaetok/runs/default), copied to ``RUNS/scored/`` first, since a run that goes on
+   rewrites it at every checkpoint. Its training up to that model's step: steps, images seen and hours of 2-core
    CPU wall time, summed from the phases' ``log.jsonl`` (each record's images over its images/s) on top of the
    ``--base-hours`` of the model the run warm-started from (the bundled stand-in's 75 minutes).
 2. `bench rfid` scores it and the bundled default on the evaluation set (all 500 images unless ``--limit``, 8
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,12 +39,27 @@ PHASES = ("crop128", "full256")  # in the order train_default_cpu.sh runs them
 GOALS = {"psnr": 22.0, "ssim": 0.55, "lpips": 0.35}  # at 8 steps on the 500 evaluation images
 
 
-def run_progress(phase: Path) -> dict:
-    """Steps, images seen and training hours of one phase, from its checkpoint and log (the last record for each
-    step: a run killed between checkpoints logs some steps twice)."""
+def snapshot(phase: Path) -> Path:
+    """A copy of the phase's model, taken before scoring: a run still training rewrites model.safetensors at every
+    checkpoint, and the row must describe the model that was scored."""
+    dst = phase.parent / "scored" / f"{phase.name}.safetensors"
+    dst.parent.mkdir(exist_ok=True)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(phase / "model.safetensors", tmp)
+    return dst
+
+
+def model_step(path: Path) -> int:
+    with safe_open(str(path), "pt") as fh:
+        return int(fh.metadata()["step"])
+
+
+def run_progress(phase: Path, step: int | None = None) -> dict:
+    """Steps, images seen and training hours of one phase up to ``step`` (default: its checkpoint's), from its log
+    (the last record for each step: a run killed between checkpoints logs some steps twice)."""
     with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
         meta = fh.metadata()
-    batch, step = json.loads(meta["train_config"])["batch_size"], int(meta["step"])
+    batch, step = json.loads(meta["train_config"])["batch_size"], step or int(meta["step"])
     records = {}
     for line in (phase / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -59,8 +76,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = figure(12.6, 3.6)
     for ax, (metric, label) in zip(fig.subplots(1, 3), (("psnr", "PSNR, dB"), ("ssim", "SSIM"),
                                                         ("lpips", "LPIPS-alex (lower is better)"))):
-        points = sorted((r["cpu_hours"], r[metric]) for r in rows)
-        ax.plot(*zip(*points), marker="o", label="dgae-s f8c4")
+        points = sorted((r["cpu_hours"], r[metric], r["phase"]) for r in rows)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="dgae-s f8c4")
+        for x, y, phase in points:  # which phase made each point: the warm start, crop128 or full256
+            ax.annotate(phase, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
         ax.axhline(GOALS[metric], color="grey", linestyle="--", label="goal")
         ax.set_xlabel("training, hours of a 2-core CPU")
         ax.set_title(label)
@@ -77,14 +96,17 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--base-hours", type=float, default=1.25, help="training hours of the warm start")
+    parser.add_argument("--phase", choices=PHASES, help="score this phase's model (default: the newest phase's)")
     parser.add_argument("--replace", action="store_true", help="make the candidate the default if it is better")
     args = parser.parse_args()
 
     phases = [args.runs / p for p in PHASES if (args.runs / p / "checkpoint.safetensors").is_file()]
+    if args.phase:
+        phases = phases[:[p.name for p in phases].index(args.phase) + 1] if args.runs / args.phase in phases else []
     if not phases:
-        raise SystemExit(f"{args.runs}: no run of scripts/train_default_cpu.sh there")
-    progress = [run_progress(p) for p in phases]
-    candidate = phases[-1] / "model.safetensors"
+        raise SystemExit(f"{args.runs}: no run of scripts/train_default_cpu.sh there ({args.phase or 'any phase'})")
+    candidate = snapshot(phases[-1])
+    progress = [run_progress(p) for p in phases[:-1]] + [run_progress(phases[-1], model_step(candidate))]
     hours = args.base_hours + sum(p["hours"] for p in progress)
     weights = weights_dir()
     scores_file = weights / "scores.json"
@@ -104,7 +126,7 @@ def main() -> int:
            **{k: new[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")},
            "better_than_default": better}
     if not rows:  # the curve starts at the model the run warm-started from
-        rows.append({"date": row["date"], "sha256": file_sha256(current)[:16], "phase": "bundled",
+        rows.append({"date": row["date"], "sha256": file_sha256(current)[:16], "phase": "start",
                      "cpu_hours": args.base_hours, **{k: old[k] for k in ("images", "psnr", "ssim", "lpips",
                                                                           "rfid", "colour", "border")}})
     rows = [r for r in rows if r["sha256"] != row["sha256"]] + [row]

@@ -7,17 +7,18 @@
 # same run exactly. The run folders, with their optimizer state, live outside the repository in $RUNS (default
 # ~/.cache/dgaetok/runs/default). Without them (a new machine) the run warm-starts from weights/default.safetensors
 # and says so. Two phases, so that GroupNorm sees at the end the image size it decodes at:
-#   crop128  STEPS128 steps on random 128 px crops of the 256 px images (4x cheaper per image than 256 px)
-#   full256  then whole 256 px images, warm-started from crop128's EMA weights
+#   crop128  STEPS128 (2500) steps on random 128 px crops of the 256 px images (4x cheaper per image than 256 px)
+#   full256  then whole 256 px images, warm-started from crop128's EMA weights (on a new machine, from a bundled
+#            default that this recipe made)
 # The learning rate is constant after its warm-up (min_lr = lr), so a run that is cut into many invocations of any
-# length trains the same way. Then `bash scripts/default_candidate.sh` scores the newest weights against the
+# length trains the same way. Then `python scripts/default_candidate.py` scores the newest weights against the
 # bundled ones. The recipe and why: weights/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-${DATA:-../shared/data/train}}
 runs=${RUNS:-$HOME/.cache/dgaetok/runs/default}
 minutes=${MINUTES:-60}
-steps128=${STEPS128:-20000}
+steps128=${STEPS128:-2500}
 steps256=${STEPS256:-1000000}
 nice=${NICE:-10}
 common=(--preset dgae-s -f 8 -c 4 --resolution 256 --batch-size 8 --lr 1e-4 --min-lr 1e-4 --warmup 100
@@ -38,7 +39,13 @@ train() {  # dir crop steps init
     "${start[@]}"
 }
 
-if [ "$(last_step "$runs/crop128")" -lt "$steps128" ]; then
+# A bundled default that came out of this recipe (its file names the phase) is past crop128: a new machine goes on
+# at full size from it.
+bundled_phase=$(python -c "import sys; from safetensors import safe_open; print(safe_open(sys.argv[1], 'pt')
+.metadata().get('phase', ''))" weights/default.safetensors 2>/dev/null || true)
+if [ ! -f "$runs/crop128/checkpoint.safetensors" ] && [ -n "$bundled_phase" ]; then
+  train "$runs/full256" 256 "$steps256" weights/default.safetensors
+elif [ "$(last_step "$runs/crop128")" -lt "$steps128" ]; then
   train "$runs/crop128" 128 "$steps128" weights/default.safetensors
 else
   train "$runs/full256" 256 "$steps256" "$runs/crop128/model.safetensors"

@@ -108,10 +108,10 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     shutil.copy(save_tiny_model(tmp_path, seed=5), weights / "default.safetensors")
     before = file_sha256(weights / "default.safetensors")
     args = ("scripts/default_candidate.py", str(runs), "--data", str(train_photos), "--limit", "3", "--steps", "2",
-            "--replace")
+            "--phase", "crop128", "--replace")
     done = run(*args, env={"DGAETOK_WEIGHTS": str(weights)})
     rows = [json.loads(line) for line in (weights / "default-curve.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["bundled", "crop128"]
+    assert [r["phase"] for r in rows] == ["start", "crop128"]
     bundled, candidate = rows
     assert bundled["cpu_hours"] == 1.25 and bundled["sha256"] == before[:16]
     assert candidate["steps"] == {"crop128": 3} and candidate["images_seen"] == 6 and candidate["cpu_hours"] > 1.25
@@ -123,6 +123,7 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
         and candidate["lpips"] < bundled["lpips"])
     assert (file_sha256(weights / "default.safetensors") != before) == replaced
     assert len(json.loads((weights / "scores.json").read_text())) == 2
+    assert file_sha256(runs / "scored" / "crop128.safetensors")[:16] == candidate["sha256"]  # what was scored
 
     if not replaced:  # looked at again: scores from the cache, the same two rows
         run(*args, env={"DGAETOK_WEIGHTS": str(weights)})
