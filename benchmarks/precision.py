@@ -20,6 +20,7 @@ Every line goes to ``--out`` (JSON lines, appended, flushed) the moment it is me
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import platform
@@ -37,7 +38,7 @@ from dgaetok.files import to_uint8  # noqa: E402
 from dgaetok.flops import seconds_per_call  # noqa: E402
 from dgaetok.metrics import ReconMetrics  # noqa: E402
 from dgaetok.models import MODELS, load_model  # noqa: E402
-from dgaetok.precision import autocast, resolve  # noqa: E402
+from dgaetok.precision import resolve  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -62,16 +63,18 @@ def pair(config, args, device, emit) -> dict[str, Bench]:
 @torch.no_grad()
 def ceiling(args, device, emit) -> None:
     """What the hardware itself gains from bf16: a square matmul and one 3x3 convolution (128 channels, 128x128,
-    channels_last as the networks run), each in fp32 and then under bf16 autocast. A network that is all
-    convolutions cannot gain more than the convolution row; elementwise work and GroupNorm gain less."""
+    channels_last as the networks run), on float32 tensors and then on bf16 ones (cast beforehand: the arithmetic
+    alone). A network that is all convolutions cannot gain more than the convolution row; elementwise work and
+    GroupNorm gain less."""
     conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device, memory_format=torch.channels_last)
     x = torch.randn(1, 128, 128, 128, device=device).contiguous(memory_format=torch.channels_last)
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    for what, fn, flops in (("matmul 2048x2048", lambda: a @ b, 2 * 2048**3),
-                            ("conv 3x3, 128 ch, 128x128", lambda: conv(x), 2 * 128 * 128 * 9 * 128 * 128)):
-        for name in ("fp32", "bf16"):
-            with autocast(device, name):
-                seconds = seconds_per_call(fn, device, args.min_time)
+    for name in ("fp32", "bf16"):
+        dtype = torch.bfloat16 if name == "bf16" else torch.float32
+        conv_, x_, a_, b_ = copy.deepcopy(conv).to(dtype), x.to(dtype), a.to(dtype), b.to(dtype)
+        for what, fn, flops in (("matmul 2048x2048", lambda: a_ @ b_, 2 * 2048**3),
+                                ("conv 3x3, 128 ch, 128x128", lambda: conv_(x_), 2 * 128 * 128 * 9 * 128 * 128)):
+            seconds = seconds_per_call(fn, device, args.min_time)
             emit({"kind": "row", "preset": "(hardware)", "what": what, "precision": name, "compile": None,
                   "steps": None, "batch": 1, "seconds_per_call": seconds, "tflops": flops / seconds / 1e12})
 

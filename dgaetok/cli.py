@@ -457,7 +457,8 @@ CkptEvery = Annotated[int, typer.Option(help="Save a checkpoint every N steps.")
 SampleEvery = Annotated[int, typer.Option(help="Save a reconstruction grid every N steps.")]
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes per GPU process decoding images "
                                       "(pinned memory, kept alive between epochs; 0: decode in the loop).")]
-Seed = Annotated[int, typer.Option(help="Seed of the initialisation, data order, crops and noise.")]
+Seed = Annotated[int, typer.Option(help="Seed of the data order, crops and noise, and of a new model's "
+                                    "initialisation.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")]
 Device = Annotated[Optional[str], typer.Option(help=DEVICE_HELP)]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
@@ -787,7 +788,8 @@ def bench_rfid(
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     compile: Optional[str] = typer.Option(None, "--compile", help=COMPILE_HELP),
 ):
-    """rFID, PSNR, SSIM and LPIPS of reconstructions, at each --steps, with images/s."""
+    """rFID, PSNR, SSIM and LPIPS of reconstructions, at each --steps, with images/s, the mean colour offset and
+    the border ratio (docs/benchmarks.md)."""
     from .bench import rfid, rfid_caveat, write_json
     from .files import IMAGE_SUFFIXES, find_files, prepare_output_dir
     from .models import resolve_model
@@ -805,7 +807,7 @@ def bench_rfid(
     table = Table("latent", "steps", "rFID", "PSNR", "SSIM", f"LPIPS-{lpips_net}", "colour", "border", "img/s",
                   "device", title=f"{escape(Path(result.model).name)}: {result.images} images from "
                   f"{escape(str(data))}", caption="colour: mean colour offset (/255); border: worst border strip's "
-                  "error over the interior's (1: none)")
+                  "error over the interior's (1 = edges as good as the interior)")
     for r in result.results:
         table.add_row("x".join(map(str, result.latent_shape)), str(r.steps),
                       f"{r.rfid:.2f}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.lpips:.4f}", f"{r.colour:.2f}",

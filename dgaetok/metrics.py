@@ -54,7 +54,8 @@ def border_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check_pair(a, b)
     err = (a.float() - b.float()).abs()
     w, m = BORDER_WIDTH, BORDER_MARGIN
-    parts = (err[:, :w], err[:, -w:], err[:, :, :w], err[:, :, -w:], err[:, m:-m, m:-m])
+    inner = err[:, m:-m, m:-m] if min(err.shape[1:3]) > 2 * m else err  # images under 17 px: all of it
+    parts = (err[:, :w], err[:, -w:], err[:, :, :w], err[:, :, -w:], inner)
     return torch.stack([p.flatten(1).mean(1) for p in parts], dim=1)
 
 
@@ -356,7 +357,8 @@ class ReconMetrics:
         """Means over all images so far; a metric that was switched off (or rfid for < 2 images) is NaN."""
         out = {k: float(torch.cat(v).mean()) if v else float("nan") for k, v in self.values.items() if k != "border"}
         borders = torch.cat(self.values["border"]).mean(0) if self.values["border"] else torch.full((5,), float("nan"))
-        out["border"] = float(borders[:4].max() / borders[4])
+        worst, inner = float(borders[:4].max()), float(borders[4])
+        out["border"] = 1.0 if worst == inner == 0 else worst / max(inner, 1e-6)  # perfect: 1; finite in JSON
         out["rfid"] = float("nan")
         if self.inception is not None and len(self) >= 2:
             real = self.reference or torch.cat(self.features["original"]).numpy()

@@ -2,8 +2,9 @@
 
 One code path for every device: weights, optimizer states, EMA, latents and images stay float32; only the
 network's matrix work (convolutions, linear layers, attention) runs in bf16 under `torch.autocast`, which keeps
-reductions and normalisations in float32. On a GPU that is the usual mixed precision; on a recent CPU (Intel AMX
-or AVX512-BF16, Arm BF16) oneDNN runs bf16 convolutions 2.5-3.5x faster than float32 (benchmarks/RESULTS.md).
+reductions and normalisations in float32. On a GPU that is the usual mixed precision; on a recent CPU oneDNN runs
+bf16 convolutions up to 2x faster than float32 with AVX512-BF16 or Arm BF16, and more with Intel AMX
+(benchmarks/RESULTS.md).
 
     auto  bf16 on CUDA with bf16 support and on CPUs with native bf16 matrix instructions, float32 elsewhere
     bf16  bf16 autocast wherever asked (correct everywhere; without native support it is slower, and says so)
@@ -61,7 +62,7 @@ def resolve(precision: str | Precision, device: torch.device | str) -> Precision
         return precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    forced = os.environ.get(ENV, "auto") if precision == "auto" else "auto"
+    forced = (os.environ.get(ENV) or "auto").strip().lower() if precision == "auto" else "auto"
     if forced not in PRECISIONS:
         raise ValueError(f"{ENV}={forced!r}: choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)

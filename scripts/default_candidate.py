@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dgaetok.files import atomic_path  # noqa: E402
-from dgaetok.models import file_sha256, load_model, save_model, weights_dir  # noqa: E402
+from dgaetok.models import file_sha256, load_model, read_model_file, save_model, weights_dir  # noqa: E402
 from dgaetok.plots import figure, save  # noqa: E402
 from gpu_default_collect import better_than, score  # noqa: E402
 
@@ -62,7 +62,10 @@ def run_progress(phase: Path, step: int | None = None) -> dict:
     batch, step = json.loads(meta["train_config"])["batch_size"], step or int(meta["step"])
     records = {}
     for line in (phase / "log.jsonl").read_text().splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line a run in progress is writing
+            continue
         if "img_per_s" in record and record["step"] <= step:
             records[record["step"]] = record
     seconds, last = 0.0, 0
@@ -100,19 +103,25 @@ def main() -> int:
     parser.add_argument("--replace", action="store_true", help="make the candidate the default if it is better")
     args = parser.parse_args()
 
-    phases = [args.runs / p for p in PHASES if (args.runs / p / "checkpoint.safetensors").is_file()]
+    # a phase counts once it has a model (a checkpoint is written first, its model after)
+    phases = [args.runs / p for p in PHASES if (args.runs / p / "model.safetensors").is_file()]
     if args.phase:
         phases = phases[:[p.name for p in phases].index(args.phase) + 1] if args.runs / args.phase in phases else []
     if not phases:
         raise SystemExit(f"{args.runs}: no run of scripts/train_default_cpu.sh there ({args.phase or 'any phase'})")
     candidate = snapshot(phases[-1])
     progress = [run_progress(p) for p in phases[:-1]] + [run_progress(phases[-1], model_step(candidate))]
-    hours = args.base_hours + sum(p["hours"] for p in progress)
     weights = weights_dir()
+    current = weights / "default.safetensors"
+    # what the run started from: the stand-in (--base-hours), or, where crop128 never ran here, a bundled default
+    # this recipe made, whose file carries its own training so far
+    start = read_model_file(current)[0] if current.is_file() and phases[0].name != PHASES[0] else {}
+    base_hours = float(start.get("cpu_hours", args.base_hours))
+    base_images = int(start.get("images_seen", 0))
+    hours = base_hours + sum(p["hours"] for p in progress)
     scores_file = weights / "scores.json"
     cache = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    current = weights / "default.safetensors"
-    old = score(current, args.data, args.limit, args.steps, cache)
+    old = score(current, args.data, args.limit, args.steps, cache) if current.is_file() else None
     new = score(candidate, args.data, args.limit, args.steps, cache)
     with atomic_path(scores_file) as tmp:
         tmp.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n")
@@ -122,13 +131,13 @@ def main() -> int:
     rows = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
     row = {"date": datetime.date.today().isoformat(), "sha256": file_sha256(candidate)[:16], "phase": phases[-1].name,
            "steps": {p.name: r["steps"] for p, r in zip(phases, progress)},
-           "images_seen": sum(r["images"] for r in progress), "cpu_hours": hours,
+           "images_seen": base_images + sum(r["images"] for r in progress), "cpu_hours": hours,
            **{k: new[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")},
            "better_than_default": better}
-    if not rows:  # the curve starts at the model the run warm-started from
+    if not rows and old is not None:  # the curve starts at the model the run warm-started from
         rows.append({"date": row["date"], "sha256": file_sha256(current)[:16], "phase": "start",
-                     "cpu_hours": args.base_hours, **{k: old[k] for k in ("images", "psnr", "ssim", "lpips",
-                                                                          "rfid", "colour", "border")}})
+                     "cpu_hours": base_hours, "images_seen": base_images,
+                     **{k: old[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")}})
     rows = [r for r in rows if r["sha256"] != row["sha256"]] + [row]
     with atomic_path(curve_file) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -138,12 +147,13 @@ def main() -> int:
         return (f"{name}: PSNR {s['psnr']:.2f} SSIM {s['ssim']:.4f} LPIPS {s['lpips']:.4f} rFID {s['rfid']:.1f} "
                 f"colour {s['colour']:.2f}/255 border {s['border']:.2f}")
 
-    print(line("default  ", old))
+    if old is not None:
+        print(line("default  ", old))
     print(line("candidate", new) + f"  ({row['images_seen']} images, {hours:.2f} CPU-hours)")
     if better and args.replace:
         save_model(load_model(candidate), current, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh",
                    step=str(progress[-1]["steps"]), phase=phases[-1].name, data="train (1765 photos)",
-                   weights="EMA 0.999", cpu_hours=f"{hours:.2f}")
+                   weights="EMA 0.999", cpu_hours=str(hours), images_seen=str(row["images_seen"]))
         print(f"replaced {current}")
     else:
         print("better than the default" if better else "not better on all of PSNR, SSIM and LPIPS: default kept")

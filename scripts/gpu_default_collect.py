@@ -40,11 +40,10 @@ HEADER = ("| run started | card | GPU-min (run) | GPU-min (default, in all) | st
 def score(path: Path, data: Path, limit: int | None, steps: int, cache: dict) -> dict:
     """bench rfid's numbers for a model file, from ``cache`` when it holds them for the same settings (the
     precision included: auto picks it by the machine)."""
-    model = load_model(path)
-    precision = resolve(model.precision, next(model.parameters()).device).name
+    precision = resolve("auto", "cpu").name  # load_model's device and precision
     key = f"{file_sha256(path)}:{data.name}:{limit}:{steps}:{precision}"
     if key not in cache:
-        result = rfid(model, str(path), data, [steps], limit, batch_size=8, lpips_net="alex")
+        result = rfid(load_model(path), str(path), data, [steps], limit, batch_size=8, lpips_net="alex")
         cache[key] = {**asdict(result.results[0]), "images": result.images, "device": result.device,
                       "precision": precision}
     return cache[key]

@@ -39,11 +39,13 @@ train() {  # dir crop steps init
     "${start[@]}"
 }
 
-# A bundled default that came out of this recipe (its file names the phase) is past crop128: a new machine goes on
-# at full size from it.
-bundled_phase=$(python -c "import sys; from safetensors import safe_open; print(safe_open(sys.argv[1], 'pt')
-.metadata().get('phase', ''))" weights/default.safetensors 2>/dev/null || true)
-if [ ! -f "$runs/crop128/checkpoint.safetensors" ] && [ -n "$bundled_phase" ]; then
+# A bundled default that this recipe made past crop128 (its file names the phase and step) lets a new machine go on
+# at full size from it. The python that runs dgaetok reads the file; if it cannot, say so rather than start over.
+past_crop128=$(python -c "import sys; from safetensors import safe_open; m = safe_open(sys.argv[1], 'pt').metadata()
+print(int(m.get('phase') == 'full256' or (m.get('phase') == 'crop128' and int(m['step']) >= int(sys.argv[2]))))" \
+  weights/default.safetensors "$steps128") || { echo "note: could not read weights/default.safetensors's phase" >&2
+                                                 past_crop128=0; }
+if [ ! -f "$runs/crop128/checkpoint.safetensors" ] && [ "$past_crop128" = 1 ]; then
   train "$runs/full256" 256 "$steps256" weights/default.safetensors
 elif [ "$(last_step "$runs/crop128")" -lt "$steps128" ]; then
   train "$runs/crop128" 128 "$steps128" weights/default.safetensors

@@ -17,8 +17,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def pytest_addoption(parser):
     parser.addoption("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                     help="What precision 'auto' picks on the CPU during the tests: bf16 or fp32 runs the suite as on "
-                          "a CPU with or without native bf16 units (default: what this CPU has).")
+                     help="What precision 'auto' picks during the tests, in every process ($DGAETOK_PRECISION): bf16 "
+                          "or fp32 runs the suite as on a CPU with or without native bf16 units (default: what this "
+                          "machine has).")
 
 
 def pytest_configure(config):

@@ -25,7 +25,7 @@ def test_bench_rfid_cli(tiny_model_file, shared_data, tmp_path):
     assert [r["steps"] for r in report["results"]] == [1, 2]
     for r in report["results"]:
         assert 0 < r["psnr"] < 40 and -1 <= r["ssim"] <= 1 and r["lpips"] > 0 and r["rfid"] > 0
-        assert r["images_per_s"] > 0
+        assert r["images_per_s"] > 0 and r["colour"] >= 0 and r["border"] > 0
     grid = Image.open(out / "rfid-grid.png")
     # 3 images x (original, 1 step, 2 steps), under a 16 px strip that labels the columns
     assert grid.size == (3 * 64 + 4 * 2, 16 + 3 * 64 + 4 * 2)
@@ -47,8 +47,9 @@ def test_bench_steps_share_seeds_and_reference(tiny_model_file, shared_data):
     assert math.isclose(a.rfid, b.rfid, rel_tol=1e-9)
 
 
-def test_bench_psnr_matches_direct_computation(tiny_model_file, shared_data):
-    """PSNR reported by the benchmark equals PSNR computed by hand from the decoded images."""
+def test_bench_psnr_colour_and_border_match_direct_computation(tiny_model_file, shared_data):
+    """PSNR, the colour offset and the border ratio reported by the benchmark equal those computed by hand from the
+    decoded images."""
     from dgaetok.bench import eval_images
     from dgaetok.files import to_uint8
 
@@ -62,6 +63,11 @@ def test_bench_psnr_matches_direct_computation(tiny_model_file, shared_data):
     a, b = to_uint8(x).numpy().astype(np.float64), to_uint8(recon).numpy().astype(np.float64)
     mse = ((a - b) ** 2).reshape(2, -1).mean(axis=1)
     assert math.isclose(report.results[0].psnr, float(np.mean(10 * np.log10(255**2 / mse))), rel_tol=1e-9)
+    colour = np.abs(a.mean(axis=(1, 2)) - b.mean(axis=(1, 2))).mean()  # per image over R, G, B, then over images
+    assert math.isclose(report.results[0].colour, float(colour), rel_tol=1e-6)
+    err = np.abs(a - b)
+    strips = [err[:, :3].mean(), err[:, -3:].mean(), err[:, :, :3].mean(), err[:, :, -3:].mean()]
+    assert math.isclose(report.results[0].border, float(max(strips) / err[:, 8:-8, 8:-8].mean()), rel_tol=1e-5)
 
 
 def test_weights_list_cli():

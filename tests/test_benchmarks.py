@@ -160,8 +160,8 @@ def test_the_precision_benchmark_times_both_precisions_back_to_back(tmp_path, ti
     assert header["device"].startswith("CPU") and header["auto"].startswith("precision ")
     assert not [r for r in rows if "error" in r]
     assert [(r["preset"], r["what"], r["precision"]) for r in rows] == [
-        ("(hardware)", "matmul 2048x2048", "fp32"), ("(hardware)", "matmul 2048x2048", "bf16"),
-        ("(hardware)", "conv 3x3, 128 ch, 128x128", "fp32"), ("(hardware)", "conv 3x3, 128 ch, 128x128", "bf16"),
+        ("(hardware)", "matmul 2048x2048", "fp32"), ("(hardware)", "conv 3x3, 128 ch, 128x128", "fp32"),
+        ("(hardware)", "matmul 2048x2048", "bf16"), ("(hardware)", "conv 3x3, 128 ch, 128x128", "bf16"),
         ("dgae-t", "decode", "fp32"), ("dgae-t", "decode", "bf16"),
         ("dgae-t", "train step", "fp32"), ("dgae-t", "train step", "bf16")]
     assert all(r["seconds_per_call"] > 0 for r in rows)

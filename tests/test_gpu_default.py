@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgaetok.models import file_sha256, join_model_files, load_model
+from dgaetok.models import file_sha256, join_model_files, load_model, read_model_file
 
 from conftest import save_tiny_model
 
@@ -94,7 +94,8 @@ def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data, monkeypatch
         assert (weights / "README.md").read_text().splitlines()[-2].endswith("| yes |" if becomes else "| no |")
 
 
-def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_better(tmp_path, train_photos):
+def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_better(tmp_path, train_photos,
+                                                                                    monkeypatch):
     """scripts/default_candidate.py on a tiny run laid out as train_default_cpu.sh lays its own: the candidate and
     a scratch default are scored (colour and border too), the curve gets the bundled point and the candidate's,
     with the candidate's training summed from its log, and a second look reuses the scores and adds no row."""
@@ -128,4 +129,29 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     if not replaced:  # looked at again: scores from the cache, the same two rows
         run(*args, env={"DGAETOK_WEIGHTS": str(weights)})
         assert len((weights / "default-curve.jsonl").read_text().splitlines()) == 2
+
+    # both outcomes of the rule, with constructed scores: the default is replaced (in bf16, its training recorded
+    # in the file) only when PSNR, SSIM and LPIPS all improve
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("default_candidate", ROOT / "scripts" / "default_candidate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setenv("DGAETOK_WEIGHTS", str(weights))
+    monkeypatch.setattr(sys, "argv", ["default_candidate.py", *args[1:]])
+    current = weights / "default.safetensors"
+    base = {"images": 3, "rfid": 100.0, "colour": 5.0, "border": 1.2}
+    for psnr, ssim, lpips, becomes in ((21.0, 0.45, 0.25, True), (21.0, 0.45, 0.35, False)):
+        shutil.copy(tmp_path / "tiny-5.safetensors", current)
+        monkeypatch.setattr(script, "score", lambda path, *a: {**base, **(
+            {"psnr": 20.0, "ssim": 0.40, "lpips": 0.30} if path == current else
+            {"psnr": psnr, "ssim": ssim, "lpips": lpips})})
+        assert script.main() == 0
+        assert (file_sha256(current) != before) == becomes
+    # the last one kept the default; replace it once more
+    monkeypatch.setattr(script, "score", lambda path, *a: {**base, **(
+        {"psnr": 20.0, "ssim": 0.40, "lpips": 0.30} if path == current else {"psnr": 21.0, "ssim": 0.45, "lpips": 0.2})})
+    assert script.main() == 0
+    meta, tensors = read_model_file(current)
+    assert meta["phase"] == "crop128" and meta["step"] == "3" and float(meta["cpu_hours"]) > 1.25
+    assert meta["images_seen"] == "6" and all(t.dtype == torch.bfloat16 for t in tensors.values())
 

@@ -136,7 +136,8 @@ def test_training_keeps_float32_weights_optimizer_and_ema_in_its_precision_and_l
     seen: set[tuple[torch.dtype, str]] = set()
     cfg = TrainConfig(data=str(train_photos), out=str(tmp_path / "run"), preset="dgae-t", resolution=64,
                       downsample=8, latent_channels=4, batch_size=2, steps=2, warmup=1, lpips_weight=0.0,
-                      workers=0, log_every=1, ckpt_every=2, sample_every=100, stats_images=0, precision=name)
+                      workers=0, log_every=1, ckpt_every=2, sample_every=100, stats_images=0, precision=name,
+                      device="cpu")  # the CPU's layout rule; a GPU trains channels_last in both
     original = DGAE.forward
 
     def spying_forward(self, *args, **kwargs):  # the training forward pass: its 3x3 convolutions' outputs (the
