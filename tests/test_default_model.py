@@ -2,9 +2,9 @@
 
 A model trained on small crops learns GroupNorm statistics of small crops; used on whole 256x256 images its
 colours drift (the CPU stand-in trained on 64 px crops turned green foliage magenta: a mean colour offset of
-5.7/255 at 64 px, 8.4 at 128 px and 11.6 at 256 px) and it draws a dark-blue band along the bottom rows (issue
-14). These tests measure both at the size the model is used at. The stand-in is known to fail them and is marked
-so by its hash; any other default must pass. (The decoder code itself treats all four borders alike:
+5.7/255 at 64 px, 8.4 at 128 px and 11.6 at 256 px) and it draws a dark-blue band along the bottom rows.
+These tests measure both at the size the model is used at; the default trained last on whole 256 px images
+passes both, and every default must. (The decoder code itself treats all four borders alike:
 tests/test_models.py checks it, so a band comes from trained weights.)
 """
 from __future__ import annotations
@@ -14,19 +14,10 @@ import torch
 
 from dgaetok import metrics
 from dgaetok.files import center_crop, open_image, to_tensor, to_uint8
-from dgaetok.models import file_sha256, load_model, resolve_model
+from dgaetok.models import load_model, resolve_model
 
-# sha256[:16] of the CPU stand-in (dgae-s f8c4 on 64 px crops), replaced by the first GPU-trained default
-STAND_IN = "080b328acbbecba4"
 MAX_COLOUR_OFFSET = 4.0  # /255, mean over photos and channels of |mean(reconstruction) - mean(original)|
 MAX_BORDER_RATIO = 1.5  # a border strip's mean error over the interior's
-
-
-def stand_in_fails(what: str):
-    """Strict: while the stand-in is the default these tests must fail; a default that passes one makes it fail
-    as XPASS, so that the mark is removed with the stand-in (any other default is held to the test)."""
-    return pytest.mark.xfail(file_sha256(resolve_model()) == STAND_IN, strict=True,
-                             reason=f"the CPU stand-in default {what}; the GPU-trained default replaces it")
 
 
 def colour_offset(model, photos: list, size: int, steps: int = 8) -> float:
@@ -55,13 +46,11 @@ def test_colour_offset_helper_sees_a_tint(unseen):
     assert colour_offset(Tinted(), unseen[:2], 64) == pytest.approx(10 / 3, abs=0.3)
 
 
-@stand_in_fails("drifts in colour at 256 px (11.6/255; trained on 64 px crops)")
 def test_default_keeps_its_colours_at_the_size_it_is_used_at(unseen):
     offset = colour_offset(load_model(resolve_model()), unseen, 256)
     assert offset <= MAX_COLOUR_OFFSET, f"mean colour offset {offset:.1f}/255 at 256 px"
 
 
-@stand_in_fails("draws a dark band along its bottom rows at 256 px (2.4x the interior's error)")
 def test_default_reconstructs_border_rows_like_interior_ones(shared_data):
     """On the tench at 256 px the stand-in's bottom 3 rows are 2.4x as far from the photo as its interior (row 255
     averages RGB (28, 38, 99) against (75, 82, 78)); the other borders are within 1.2x. Each border strip must be
