@@ -23,7 +23,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import Bench  # noqa: E402
+from throughput import Bench, cpu_name  # noqa: E402
 
 from dgaetok.bench import eval_images  # noqa: E402
 from dgaetok.files import to_uint8  # noqa: E402
@@ -39,16 +38,6 @@ from dgaetok.flops import seconds_per_call  # noqa: E402
 from dgaetok.metrics import ReconMetrics  # noqa: E402
 from dgaetok.models import MODELS, load_model  # noqa: E402
 from dgaetok.precision import resolve  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The CPU's model name as Linux reports it (with its family, which tells generations of one name apart)."""
-    try:
-        info = dict(map(str.strip, line.split(":", 1)) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ":" in line)
-        return f"{info['model name']}, family {info['cpu family']}"
-    except (OSError, KeyError):
-        return platform.processor() or platform.machine()
 
 
 def pair(config, args, device, emit) -> dict[str, Bench]:

@@ -102,6 +102,16 @@ def profile_top(fn, device: torch.device, path: Path, calls: int = 3) -> list[di
              "count_per_call": e.count / calls} for e in top]
 
 
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (with its family, which tells generations of one name apart)."""
+    try:
+        info = dict(map(str.strip, line.split(":", 1)) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ":" in line)
+        return f"{info['model name']}, family {info['cpu family']}"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 class Bench:
     """One preset's rows. Inputs are made once at the largest batch any row asks for and sliced per row."""
 
@@ -363,7 +373,7 @@ def main() -> None:
             print(json.dumps(record), flush=True)
 
         name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-                f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+                f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)")
         precision = resolve(args.precision, device)
         peak, peak_dtype = matmul_peak(device, min(args.min_time, 1.0), precision.bf16)
         if args.model:  # its architecture; timing does not depend on the weights' values

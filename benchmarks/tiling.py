@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import re
 import subprocess
 import sys
@@ -28,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500" / "n01440764_tench.JPEG"
@@ -63,13 +65,6 @@ def memory_mib() -> dict[str, float]:
     """This process's resident set now (VmRSS) and its peak since exec or the last reset (VmHWM), in MiB."""
     status = Path("/proc/self/status").read_text()
     return {key: int(re.search(rf"{key}:\s+(\d+) kB", status)[1]) / 1024 for key in ("VmRSS", "VmHWM")}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"CPU {line.split(':', 1)[1].strip()}"
-    return f"CPU {platform.processor()}"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,7 +125,7 @@ def main() -> None:
                         row["psnr_vs_whole"] = psnr(images[case], images["whole"])
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU {cpu_name()}"
     result = {"device": device, "torch": torch.__version__, "threads": args.threads, "steps": args.steps,
               "chunk": args.chunk, "model": args.model or "default", "photo": args.photo.name, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

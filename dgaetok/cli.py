@@ -525,12 +525,8 @@ def train(
     stats_images: StatsImages = 256,
 ):
     """Train a DGAE or SD-VAE tokenizer (under torchrun for several GPUs)."""
-    from .train import TrainConfig
-
-    if not data.is_dir():
-        raise InputError(f"{data}: no such folder")
-    cfg = TrainConfig(
-        data=str(data), out=str(out_dir), preset=preset, resolution=resolution, downsample=downsample,
+    run_training(
+        data, out_dir, preset=preset, resolution=resolution, downsample=downsample,
         latent_channels=latent_channels, crop=crop, batch_size=batch_size, accum=accum,
         grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr,
         warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
@@ -541,13 +537,16 @@ def train(
         minutes=minutes, warm_start=str(warm_start) if warm_start else None, init_encoder=init_encoder,
         freeze_encoder=freeze_encoder, stats_images=stats_images, precision=precision,
     )
-    run_training(cfg)
 
 
-def run_training(cfg) -> None:
-    """`train.train` with the CLI's ending: where the model is, or how to resume after Ctrl-C."""
-    from .train import train as run
+def run_training(data: Path, out_dir: Path, **fields) -> None:
+    """A training run (train's, or distill's: a kind of training run) of `TrainConfig` ``fields`` on the images in
+    ``data``, with the CLI's ending: where the model is, or how to resume after Ctrl-C."""
+    from .train import TrainConfig, train as run
 
+    if not data.is_dir():
+        raise InputError(f"{data}: no such folder")
+    cfg = TrainConfig(data=str(data), out=str(out_dir), **fields)
     try:
         run(cfg)
     except KeyboardInterrupt:
@@ -603,19 +602,15 @@ def distill(
     The student keeps the teacher's encoder, frozen, so it decodes the teacher's latents; its file records the
     teacher and K, and decodes in K steps by default. Runs under torchrun like train.
     """
-    from .train import TrainConfig
-
-    if not data.is_dir():
-        raise InputError(f"{data}: no such folder")
-    run_training(TrainConfig(
-        data=str(data), out=str(out_dir), teacher=teacher, teacher_steps=teacher_steps, teacher_shift=teacher_shift,
+    run_training(
+        data, out_dir, teacher=teacher, teacher_steps=teacher_steps, teacher_shift=teacher_shift,
         student_steps=student_steps, student_shift=student_shift, mse_weight=mse_weight, lpips_weight=lpips_weight,
         lpips_net=lpips_net, real_weight=real_weight, resolution=resolution, crop=crop, batch_size=batch_size,
         accum=accum, grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup,
         ema_decay=ema_decay, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, workers=workers,
         seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device, minutes=minutes,
         stats_images=stats_images, precision=precision,
-    ))
+    )
 
 
 @app.command()

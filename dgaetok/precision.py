@@ -99,14 +99,11 @@ def training_layout(device: torch.device | str, precision: str | Precision = "fp
     """The memory layout a network trains in on ``device`` at ``precision``.
 
     channels_last (NHWC), which cuDNN's and oneDNN's convolutions prefer, except in bf16 on the CPU: there torch's
-    backward of a channels_last GroupNorm is 3-4x slower than NCHW's (8x32x128x128: 53 against 14 ms with its
-    SiLU), and NCHW trains dgae-s 1.6x faster than channels_last did (0.86 against 1.40 s per batch of 8 at
-    128 px; 2.08 against 2.42 s per batch of 4 at 256 px; dgae-s2 0.62 against 0.64 s), while in float32 on the same
-    CPU channels_last stays the faster (1.38 against 1.48 s). Inference keeps channels_last in both precisions
-    (`models.load_model`): there it is the faster layout.
+    backward of a channels_last GroupNorm is 3-4x slower than NCHW's, which makes the whole step faster in NCHW; in
+    float32 channels_last stays the faster. Inference keeps channels_last in both precisions (`models.load_model`):
+    there it is the faster layout. The measurements: benchmarks/RESULTS.md, "float32 against bf16 autocast".
     """
     device = torch.device(device)
     if device.type == "cpu" and resolve(precision, device).bf16:
         return torch.contiguous_format
     return torch.channels_last
-
