@@ -6,15 +6,17 @@ speed peer, and a picture.
 
 On the first ``--limit`` evaluation images (the paper's protocol, `dgaetok bench rfid`: shorter side 256, centre
 crop, posterior mean, one seeded noise for every image and every row), the teacher decodes at 1, 4 and 8 Euler
-steps on the grid it was distilled from (the student's record names it), and at 50 uniform steps on the first
-``--limit-50``; the student decodes at its own K. Every row is PSNR, SSIM, LPIPS-alex and rFID (`bench.rfid`;
+steps (and at the N of the student's targets) on the grid it was distilled from (the student's record names it),
+and at 50 uniform steps on the first ``--limit-50``; the student decodes at its own K. Every row is PSNR, SSIM, LPIPS-alex and rFID (`bench.rfid`;
 rFID over fewer than a few hundred images is dominated by its small-sample bias and comparable only between rows
 of one run). The teacher's and student's latents are the same: the student's encoder is the teacher's.
 
 Speed is timed separately, interleaved so that a shared machine's load falls on every row alike: for each of
 ``--timing-images`` latents, one decode by each row in turn (and one pass of the peer, LDM's SD-VAE decoder at
 the same latent shape, channels 128, untrained weights: only its speed is used), the median seconds per image
-reported. The picture: original | teacher 1 step | teacher 8 steps | student, for the first 6 images. A JSON
+reported. Every row computes in ``--precision`` (auto: bf16 where the CPU multiplies it natively, as `decode`
+does). The picture: original | teacher 1 step | teacher N steps (the student's targets; 8 steps too when N is
+not 8) | student, for the first 6 images. A JSON
 summary goes to ``--out``/distill.json and the Markdown table to stdout. Quality rows are deterministic and kept
 in ``--out``: ``--teacher-only`` computes the teacher's ahead (while the student trains, say), and the full run
 reuses them and times every row together.
@@ -23,17 +25,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from dgaetok.bench import eval_images, rfid
-from dgaetok.files import atomic_path, to_uint8
-from dgaetok.models import MODELS, build_model, load_model, resolve_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import cpu_name  # noqa: E402
+
+from dgaetok.bench import eval_images, rfid  # noqa: E402
+from dgaetok.files import atomic_path, to_uint8  # noqa: E402
+from dgaetok.models import MODELS, build_model, load_model, resolve_model  # noqa: E402
+from dgaetok.precision import resolve  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "eval" / "imagenet-val500"
 
@@ -66,6 +72,8 @@ def main() -> None:
     parser.add_argument("--limit-50", type=int, default=8, help="images for the teacher's 50 steps (0: none)")
     parser.add_argument("--timing-images", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", default="auto", help="auto, bf16 or fp32: what every row (the peer "
+                        "included) computes in")
     parser.add_argument("--picture", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/distill-bench"))
     parser.add_argument("--teacher-only", action="store_true", help="only the teacher's quality rows (kept in "
@@ -73,18 +81,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    teacher, student = load_model(args.teacher), load_model(args.student)
+    teacher = load_model(args.teacher, precision=args.precision)
+    student = load_model(args.student, precision=args.precision)
     d = student.distilled
     if d is None or d.teacher != teacher.file_hash:
         raise SystemExit(f"{args.student} is not a distilled student of {resolve_model(args.teacher)}")
-    device = f"cpu ({platform.processor() or platform.machine()}, {args.threads} thread(s), float32)"
+    device = f"CPU ({cpu_name()}, {args.threads} thread(s), {resolve(args.precision, 'cpu').name})"
 
     rows = []
 
     def add(name: str, model, steps: list[int], shift: float, limit: int) -> None:
         """The quality rows, kept in ``--out`` per model file, steps, grid and images: deterministic, so a later
         run (the one that times every row together) reuses them."""
-        cache = args.out / f"rows-{model.file_hash}-{'-'.join(map(str, steps))}-shift{shift:g}-{limit}.json"
+        cache = args.out / (f"rows-{model.file_hash}-{'-'.join(map(str, steps))}-shift{shift:g}-{limit}-"
+                            f"{resolve(args.precision, 'cpu').name}.json")
         if cache.is_file():
             rows.extend(json.loads(cache.read_text()))
             return
@@ -95,7 +105,8 @@ def main() -> None:
             tmp.write_text(json.dumps(new) + "\n")
         rows.extend(new)
 
-    add("teacher", teacher, [1, 4, 8], d.teacher_shift, args.limit)
+    teacher_steps = sorted({1, 4, 8, d.teacher_steps})
+    add("teacher", teacher, teacher_steps, d.teacher_shift, args.limit)
     if args.limit_50:
         add("teacher", teacher, [50], 1.0, args.limit_50)
     if args.teacher_only:
@@ -109,8 +120,9 @@ def main() -> None:
         z = teacher.encode(x).latent_dist.mode()
     noise = torch.randn((1, 3, 256, 256), generator=torch.Generator().manual_seed(0))
     peer = build_model(MODELS["sdvae-f8c4"]()).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    peer.set_precision(args.precision)
     runs = {("teacher", n): (lambda zi, n=n: teacher.decode(zi, steps=n, shift=d.teacher_shift, noise=noise))
-            for n in (1, 4, 8)}
+            for n in teacher_steps}
     runs[("student", d.steps)] = lambda zi: student.decode(zi, noise=noise)
     runs[("SD-VAE decoder (peer)", 1)] = lambda zi: peer.decode(zi)
     for fn in runs.values():  # warm-up: first calls pick kernels
@@ -130,10 +142,10 @@ def main() -> None:
     if args.picture is not None:
         six = x[:6]
         zs = z[:6]
+        same = noise.expand(len(zs), -1, -1, -1)
         with torch.no_grad():
-            cols = [six, teacher.decode(zs, steps=1, noise=noise.expand(len(zs), -1, -1, -1)),
-                    teacher.decode(zs, steps=8, shift=d.teacher_shift, noise=noise.expand(len(zs), -1, -1, -1)),
-                    student.decode(zs, noise=noise.expand(len(zs), -1, -1, -1))]
+            cols = [six, *(teacher.decode(zs, steps=n, shift=d.teacher_shift, noise=same)
+                           for n in sorted({1, d.teacher_steps, 8})), student.decode(zs, noise=same)]
         picture(cols, args.picture, 128)
 
     summary = {"teacher": teacher.file_hash, "student": student.file_hash, "distilled": json.loads(d.to_json()),

@@ -567,8 +567,9 @@ def distill(
     student_shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the student's K steps (no effect "
                                         "for K = 1)."),
     teacher_steps: int = typer.Option(8, min=2, help="Euler steps of the teacher's targets."),
-    teacher_shift: float = typer.Option(0.5, min=0.01, help="Time-grid shift of the teacher's steps (<1: more "
-                                        "steps near the image; 0.5 suits few steps)."),
+    teacher_shift: float = typer.Option(1.0, min=0.01, help="Time-grid shift of the teacher's steps (1: uniform, "
+                                        "as decode; <1: more steps near the image). Pick the teacher's best with "
+                                        "`bench rfid --steps 8 --shift S`."),
     mse_weight: float = typer.Option(1.0, min=0.0, help="Weight of the MSE between student and teacher images."),
     lpips_weight: float = typer.Option(1.0, min=0.0, help="Weight of LPIPS between student and teacher images."),
     lpips_net: LpipsNet = "vgg",
@@ -836,7 +837,7 @@ def bench_gen(
     decode_steps: Optional[int] = typer.Option(None, min=1, help="Tokenizer decode steps (default: 50, or a "
                                                "distilled tokenizer's K; ignored by SD-VAE)."),
     decode_shift: Optional[float] = typer.Option(None, min=0.01, help="Time-grid shift of the tokenizer's decoding "
-                                                 "(<1: more steps near the image; 0.5 suits few steps; default: 1, "
+                                                 "(<1: more steps near the image; default: 1, "
                                                  "or a distilled tokenizer's grid)."),
     unconditional: bool = typer.Option(False, help="Ignore folder labels."),
     limit: Optional[int] = typer.Option(None, min=4, help="Only the first N images of DATA."),

@@ -1,6 +1,6 @@
 """Few-step distillation of a DGAE decoder: a student that decodes in K steps what its teacher decodes in N.
 
-    dgaetok distill weights/default.safetensors data/ -o runs/default-1step --teacher-steps 8 --teacher-shift 0.5
+    dgaetok distill weights/default.safetensors data/ -o runs/default-1step --teacher-steps 8
 
 As SSDD (Vallaeys et al. 2025) does, without a GAN: the student is the teacher's model, initialised from it, whose
 encoder stays the teacher's (frozen, so that it decodes the latents the teacher's encoder made, and that latent

@@ -375,7 +375,7 @@ def labelled_columns(grid: torch.Tensor, labels: list[str], pitch: int) -> torch
     for i, label in enumerate(labels):
         width = draw.textlength(label, font=font)
         draw.text((i * pitch + max(0.0, (pitch - width) / 2), 2), label, fill="black", font=font)
-    top = torch.from_numpy(np.asarray(strip)).permute(2, 0, 1).float() / 127.5 - 1
+    top = torch.from_numpy(np.array(strip)).permute(2, 0, 1).float() / 127.5 - 1  # a copy: PIL's buffer is read-only
     return torch.cat([top, grid], dim=1)
 
 

@@ -114,7 +114,7 @@ class TrainConfig:
     # ignored), its encoder frozen; the loss is distill's, weighted by mse_weight, lpips_weight and real_weight.
     teacher: str | None = None
     teacher_steps: int = 8  # Euler steps of the teacher's targets ...
-    teacher_shift: float = 0.5  # ... on this time grid (`flow.time_grid`; 0.5 suits few steps)
+    teacher_shift: float = 1.0  # ... on this time grid (`flow.time_grid`; 1 is uniform)
     student_steps: int = 1  # K: the student's steps ...
     student_shift: float = 1.0  # ... and their grid (any shift is the same one step for K = 1)
     mse_weight: float = 1.0
