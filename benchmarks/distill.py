@@ -1,25 +1,25 @@
 """A distilled decoder against its teacher: quality and seconds per image in one run, the SD-VAE decoder as the
 speed peer, and a picture.
 
-    python benchmarks/distill.py --student weights/default-1step.safetensors --limit 64 --limit-50 8 \
+    python benchmarks/distill.py --student weights/default-1step.safetensors --limit 500 --limit-50 100 \
         --picture docs/default-1step.jpg --out runs/distill-bench
 
 On the first ``--limit`` evaluation images (the paper's protocol, `dgaetok bench rfid`: shorter side 256, centre
 crop, posterior mean, one seeded noise for every image and every row), the teacher decodes at 1, 4 and 8 Euler
 steps (and at the N of the student's targets) on the grid it was distilled from (the student's record names it),
-and at 50 uniform steps on the first ``--limit-50``; the student decodes at its own K. Every row is PSNR, SSIM, LPIPS-alex and rFID (`bench.rfid`;
-rFID over fewer than a few hundred images is dominated by its small-sample bias and comparable only between rows
-of one run). The teacher's and student's latents are the same: the student's encoder is the teacher's.
+and at 50 uniform steps on the first ``--limit-50``; the student decodes at its own K. Every row is PSNR, SSIM,
+LPIPS-alex and rFID (`bench.rfid`; rFID over fewer than a few hundred images is dominated by its small-sample bias
+and comparable only between rows of one run). The teacher's and student's latents are the same: the student's
+encoder is the teacher's.
 
 Speed is timed separately, interleaved so that a shared machine's load falls on every row alike: for each of
 ``--timing-images`` latents, one decode by each row in turn (and one pass of the peer, LDM's SD-VAE decoder at
 the same latent shape, channels 128, untrained weights: only its speed is used), the median seconds per image
 reported. Every row computes in ``--precision`` (auto: bf16 where the CPU multiplies it natively, as `decode`
 does). The picture: original | teacher 1 step | teacher N steps (the student's targets; 8 steps too when N is
-not 8) | student, for the first 6 images. A JSON
-summary goes to ``--out``/distill.json and the Markdown table to stdout. Quality rows are deterministic and kept
-in ``--out``: ``--teacher-only`` computes the teacher's ahead (while the student trains, say), and the full run
-reuses them and times every row together.
+not 8) | student, for the first 6 images. A JSON summary goes to ``--out``/distill.json and the Markdown table
+to stdout. Quality rows are deterministic and kept in ``--out``: ``--teacher-only`` computes the teacher's ahead
+(while the student trains, say), and the full run reuses them and times every row together.
 """
 from __future__ import annotations
 
