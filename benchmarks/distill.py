@@ -86,15 +86,15 @@ def main() -> None:
     d = student.distilled
     if d is None or d.teacher != teacher.file_hash:
         raise SystemExit(f"{args.student} is not a distilled student of {resolve_model(args.teacher)}")
-    device = f"CPU ({cpu_name()}, {args.threads} thread(s), {resolve(args.precision, 'cpu').name})"
+    precision = resolve(args.precision, "cpu").name
+    device = f"CPU ({cpu_name()}, {args.threads} thread(s), {precision})"
 
     rows = []
 
     def add(name: str, model, steps: list[int], shift: float, limit: int) -> None:
         """The quality rows, kept in ``--out`` per model file, steps, grid and images: deterministic, so a later
         run (the one that times every row together) reuses them."""
-        cache = args.out / (f"rows-{model.file_hash}-{'-'.join(map(str, steps))}-shift{shift:g}-{limit}-"
-                            f"{resolve(args.precision, 'cpu').name}.json")
+        cache = args.out / f"rows-{model.file_hash}-{'-'.join(map(str, steps))}-shift{shift:g}-{limit}-{precision}.json"
         if cache.is_file():
             rows.extend(json.loads(cache.read_text()))
             return

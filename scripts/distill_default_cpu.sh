@@ -21,18 +21,19 @@ hash=$(sha256sum weights/default.safetensors | cut -c1-8)
 run=${RUN:-$HOME/.cache/dgaetok/runs/default-1step-$hash}
 resume=$([ -f "$run/checkpoint.safetensors" ] && echo --resume || true)
 if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS; fi
+batch=4
 mkdir -p "$(dirname "$run")"
 nice -n "${NICE:-10}" dgaetok distill default "$data" -o "$run" --teacher-steps 4 --teacher-shift 1.0 \
-  --real-weight 0.5 --lpips-net alex --resolution 256 --batch-size 4 --lr 1e-4 --min-lr 1e-4 --warmup 25 \
+  --real-weight 0.5 --lpips-net alex --resolution 256 --batch-size "$batch" --lr 1e-4 --min-lr 1e-4 --warmup 25 \
   --ema-decay 0.995 \
   --precision auto --minutes "${MINUTES:-60}" --workers 1 --sample-every 250 --ckpt-every 50 --log-every 10 $resume
-python - "$run/model.safetensors" weights/default-1step.safetensors <<'PY'
+python - "$run/model.safetensors" weights/default-1step.safetensors "$batch" <<'PY'
 import sys, torch
 from safetensors import safe_open
 from dgaetok.models import load_model, save_model
 with safe_open(sys.argv[1], "pt") as fh:
     step = int(fh.metadata()["step"])
 save_model(load_model(sys.argv[1]), sys.argv[2], dtype=torch.bfloat16, source="scripts/distill_default_cpu.sh",
-           step=str(step), images_seen=str(4 * step), data="1765 photos, 256 px", weights="EMA 0.995")
+           step=str(step), images_seen=str(int(sys.argv[3]) * step), data="1765 photos, 256 px", weights="EMA 0.995")
 print(f"wrote {sys.argv[2]} (step {step}); score it: python benchmarks/distill.py --student {sys.argv[2]}")
 PY
