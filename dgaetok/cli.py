@@ -470,7 +470,8 @@ Minutes = Annotated[Optional[float], typer.Option(min=0.0, help="Wall-time budge
                                                   "the step count is set from the measured speed so the schedule "
                                                   "ends there.")]
 StatsImages = Annotated[int, typer.Option(min=0, help="Latent statistics in the final model file, over this many "
-                                          "images of DATA spread evenly (0: none).")]
+                                          "images of DATA spread evenly (0: none; distill keeps the teacher's "
+                                          "when it has them).")]
 
 
 @app.command()

@@ -108,7 +108,9 @@ class TrainConfig:
     # the encoder from another model file (same f, c and encoder shape), optionally frozen for the first N steps
     init_encoder: str | None = None
     freeze_encoder: int = 0
-    stats_images: int = 256  # latent statistics in the final model.safetensors, over this many images (0: none)
+    # latent statistics in the final model.safetensors, over this many images (0: none); a distilled student takes
+    # its teacher's instead
+    stats_images: int = 256
     # distillation (`dgaetok.distill`): a DGAE model file whose decoder the run distils into a few-step student.
     # The model is then the teacher's (its config and weights; preset, downsample and latent_channels are
     # ignored), its encoder frozen; the loss is distill's, weighted by mse_weight, lpips_weight and real_weight.
@@ -594,7 +596,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             progress.close()
         if log_file is not None:
             log_file.close()
-    if is_main and cfg.stats_images:  # the exported model carries its latents' statistics
+    if is_main and teacher is not None and teacher.latent_stats is not None:
+        # a student's latents are its teacher's (the same frozen encoder): the same statistics, so that latents
+        # normalised for a diffusion model mean the same whichever of the two encoded or decodes them
+        ema.latent_stats = teacher.latent_stats
+        save_model(ema, out / "model.safetensors", step=str(step))
+    elif is_main and cfg.stats_images:  # the exported model carries its latents' statistics
         ema.latent_stats = measure_folder(ema, cfg.data, cfg.stats_images)
         save_model(ema, out / "model.safetensors", step=str(step))
     return ema

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shutil
@@ -151,10 +152,18 @@ def main() -> int:
         print(line("default  ", old))
     print(line("candidate", new) + f"  ({row['images_seen']} images, {hours:.2f} CPU-hours)")
     if better and args.replace:
-        save_model(load_model(candidate), current, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh",
+        model = load_model(candidate)
+        if model.latent_stats is not None:  # measured on a path of the training machine: keep the folder's name
+            path, sep, rest = model.latent_stats.source.partition(" ")
+            model.latent_stats = dataclasses.replace(model.latent_stats, source=f"{Path(path).name}{sep}{rest}")
+        save_model(model, current, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh",
                    step=str(progress[-1]["steps"]), phase=phases[-1].name, data="train (1765 photos)",
                    weights="EMA 0.999", cpu_hours=str(hours), images_seen=str(row["images_seen"]))
         print(f"replaced {current}")
+        student = weights / "default-1step.safetensors"
+        if student.is_file():  # it refuses the new default's latents until distilled from it
+            print(f"note: {student} was distilled from the previous default; distil it again: "
+                  "bash scripts/distill_default_cpu.sh")
     else:
         print("better than the default" if better else "not better on all of PSNR, SSIM and LPIPS: default kept")
     return 0

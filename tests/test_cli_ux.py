@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 import dgaetok.progress as progress
@@ -31,8 +32,9 @@ def cli(*args):
     return result
 
 
-def test_the_sample_photos_encode_with_the_default_model(tmp_path):
-    """The README's main job, on what the repository ships: every sample photo encodes with weights/default."""
+def test_the_readmes_main_job_on_the_sample_photos(tmp_path):
+    """The README's main job, on what the repository ships: every sample photo encodes with weights/default, and
+    the one-step decoder distilled from it decodes every latent to a 256x256 PNG in its one step, with no note."""
     result = cli("encode", PHOTOS, "-o", tmp_path / "latents", "--device", "cpu")
     assert result.exit_code == 0, result.output
     latents = sorted(p.name for p in (tmp_path / "latents").glob("*.safetensors"))
@@ -41,6 +43,11 @@ def test_the_sample_photos_encode_with_the_default_model(tmp_path):
     for name in latents:
         latent, meta = read_latent(tmp_path / "latents" / name)
         assert latent.shape == (4, 32, 32) and meta["model_hash"] == default_hash and torch.isfinite(latent).all()
+    result = cli("decode", tmp_path / "latents", "-o", tmp_path / "recon", "--model", "default-1step", "--device", "cpu")
+    assert result.exit_code == 0 and "note: model" not in result.output, result.output
+    pngs = sorted((tmp_path / "recon").glob("*.png"))
+    assert [p.stem + ".safetensors" for p in pngs] == latents
+    assert all(Image.open(p).size == (256, 256) for p in pngs)
 
 
 def test_one_image_to_a_named_file_and_back(tmp_path, tiny_model_file):

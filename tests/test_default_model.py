@@ -63,3 +63,21 @@ def test_default_reconstructs_border_rows_like_interior_ones(shared_data):
     *strips, interior = metrics.border_errors(to_uint8(x), to_uint8(recon))[0].tolist()
     ratios = {name: round(strip / interior, 2) for name, strip in zip(("top", "bottom", "left", "right"), strips)}
     assert max(ratios.values()) < MAX_BORDER_RATIO, ratios
+
+
+def test_bundled_one_step_decoder_belongs_to_the_default_and_keeps_its_colours(unseen):
+    """weights/default-1step.safetensors is distilled from the bundled default as it is now (a new default needs a
+    new student: the old one would refuse the new default's latents), decodes in one pass unless told otherwise,
+    and on unseen photos reconstructs about as closely as the default's own one step, without a colour shift."""
+    default, student = load_model(resolve_model()), load_model(resolve_model("default-1step"))
+    assert student.distilled is not None and student.distilled.teacher == default.file_hash
+    assert student.made(default.file_hash) and student.default_steps == 1
+    x = torch.stack([to_tensor(center_crop(open_image(p), 256, 1)[0]) for p in unseen])
+    with torch.no_grad():
+        z = default.encode(x).latent_dist.mode()
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        ours, teachers = student.decode(z, noise=noise), default.decode(z, steps=1, noise=noise)
+    psnr = {name: metrics.psnr(to_uint8(x), to_uint8(r)).mean().item() for name, r in (("student", ours),
+                                                                                         ("teacher", teachers))}
+    assert psnr["student"] > psnr["teacher"] - 0.25, psnr
+    assert metrics.colour_offset(to_uint8(x), to_uint8(ours)).mean().item() <= MAX_COLOUR_OFFSET

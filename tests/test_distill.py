@@ -153,3 +153,18 @@ def test_bad_distillation_settings_are_input_errors(tmp_path, photos, teacher, t
         with pytest.raises(InputError, match=message):
             train(distill_config(photos, tmp_path / "run", teacher, **kw))
         assert not (tmp_path / "run").exists()
+
+
+def test_the_student_keeps_its_teachers_latent_statistics(tmp_path, photos, teacher):
+    """The student's encoder is its teacher's, frozen: its file carries the teacher's latent statistics, not a new
+    measurement over other images, so latents normalised for a diffusion model mean the same with either file."""
+    from dgaetok.models import save_model
+    from dgaetok.stats import measure_folder
+
+    t = load_model(teacher)
+    t.latent_stats = measure_folder(t, photos, 2)  # over 2 of the 4 photos: the student measures all 4
+    with_stats = tmp_path / "teacher.safetensors"
+    save_model(t, with_stats)
+    out = tmp_path / "student"
+    train(distill_config(photos, out, with_stats, steps=1, stats_images=4))
+    assert load_model(out / "model.safetensors").latent_stats == t.latent_stats

@@ -104,7 +104,7 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     runs, weights = tmp_path / "runs", tmp_path / "weights"
     train(TrainConfig(data=str(train_photos), out=str(runs / "crop128"), preset="dgae-t", resolution=64,
                       downsample=8, latent_channels=4, batch_size=2, steps=3, warmup=1, lpips_weight=0.0,
-                      workers=0, log_every=1, ckpt_every=3, sample_every=100, stats_images=0, precision="fp32"))
+                      workers=0, log_every=1, ckpt_every=3, sample_every=100, stats_images=2, precision="fp32"))
     weights.mkdir()
     shutil.copy(save_tiny_model(tmp_path, seed=5), weights / "default.safetensors")
     before = file_sha256(weights / "default.safetensors")
@@ -154,4 +154,6 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     meta, tensors = read_model_file(current)
     assert meta["phase"] == "crop128" and meta["step"] == "3" and float(meta["cpu_hours"]) > 1.25
     assert meta["images_seen"] == "6" and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    # its latent statistics name the training folder, not where it lay on the machine that trained
+    assert json.loads(meta["latent_stats"])["source"].startswith(f"{train_photos.name} (")
 

@@ -30,7 +30,8 @@ def test_a_wheel_installs_with_its_default_model(tmp_path):
                    check=True, cwd=tmp_path, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("dgaetok-*.whl")
     packed = set(zipfile.ZipFile(wheel).namelist())
-    assert {"dgaetok/weights/default.safetensors", "dgaetok/weights/README.md"} <= packed
+    assert {"dgaetok/weights/default.safetensors", "dgaetok/weights/default-1step.safetensors",
+            "dgaetok/weights/README.md"} <= packed
 
     # installed on its own (the other packages from this environment), away from the repository
     site = tmp_path / "site"

@@ -5,6 +5,7 @@ rather than of the tool."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import tokenize
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import typer
 from PIL import Image
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from dgaetok.cli import app
@@ -151,10 +153,16 @@ def test_help_screens_speak_of_the_tool_only():
     assert found == {}
 
 
-def test_info_of_the_bundled_model_speaks_of_the_tool_only():
-    result = runner.invoke(app, ["info", str(ROOT / "weights" / "default.safetensors")], env={"COLUMNS": "200"})
+@pytest.mark.parametrize("name", ["default", "default-1step"])
+def test_the_bundled_models_speak_of_the_tool_only(name):
+    """What `info` prints of a bundled model, and every metadata field of its file (the latent statistics' source
+    among them), whether `info` shows it or not."""
+    path = ROOT / "weights" / f"{name}.safetensors"
+    result = runner.invoke(app, ["info", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert internal_terms(result.output) == []
+    with safe_open(str(path), "pt") as fh:
+        assert internal_terms(json.dumps(fh.metadata())) == []
 
 
 def test_every_option_of_every_command_has_help():
