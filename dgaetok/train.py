@@ -596,13 +596,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             progress.close()
         if log_file is not None:
             log_file.close()
-    if is_main and teacher is not None and teacher.latent_stats is not None:
-        # a student's latents are its teacher's (the same frozen encoder): the same statistics, so that latents
-        # normalised for a diffusion model mean the same whichever of the two encoded or decodes them
-        ema.latent_stats = teacher.latent_stats
-        save_model(ema, out / "model.safetensors", step=str(step))
-    elif is_main and cfg.stats_images:  # the exported model carries its latents' statistics
-        ema.latent_stats = measure_folder(ema, cfg.data, cfg.stats_images)
+    # the exported model carries its latents' statistics; a student's latents are its teacher's (the same frozen
+    # encoder), so it takes the teacher's, and latents normalised for a diffusion model mean the same with either
+    stats = teacher.latent_stats if teacher is not None else None
+    if is_main and (stats is not None or cfg.stats_images):
+        ema.latent_stats = stats if stats is not None else measure_folder(ema, cfg.data, cfg.stats_images)
         save_model(ema, out / "model.safetensors", step=str(step))
     return ema
 

@@ -31,6 +31,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dgaetok.cli import training_data_name  # noqa: E402
 from dgaetok.files import atomic_path  # noqa: E402
 from dgaetok.models import file_sha256, load_model, read_model_file, save_model, weights_dir  # noqa: E402
 from dgaetok.plots import figure, save  # noqa: E402
@@ -154,8 +155,8 @@ def main() -> int:
     if better and args.replace:
         model = load_model(candidate)
         if model.latent_stats is not None:  # measured on a path of the training machine: keep the folder's name
-            path, sep, rest = model.latent_stats.source.partition(" ")
-            model.latent_stats = dataclasses.replace(model.latent_stats, source=f"{Path(path).name}{sep}{rest}")
+            model.latent_stats = dataclasses.replace(model.latent_stats,
+                                                     source=training_data_name(model.latent_stats.source))
         save_model(model, current, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh",
                    step=str(progress[-1]["steps"]), phase=phases[-1].name, data="train (1765 photos)",
                    weights="EMA 0.999", cpu_hours=str(hours), images_seen=str(row["images_seen"]))
