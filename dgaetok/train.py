@@ -498,7 +498,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}  # per term: SD-VAE's GAN terms appear only from disc_start on
     try:
-        t0, seen = time.perf_counter(), 0
+        t0, c0, seen = time.perf_counter(), time.process_time(), 0
         while step < cfg.steps:
             x = next_batch(step).contiguous(memory_format=layout)
             model.train()
@@ -560,12 +560,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                 finite.check(out)
             if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 elapsed = time.perf_counter() - t0
+                # cpu_s: the process's CPU seconds over the window, all threads: against the wall time it shows a
+                # paused process or a shared machine, which img_per_s alone cannot tell from a slow one
                 record = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "img_per_s": seen / elapsed,
-                          **{k: v.item() / counts[k] for k, v in sums.items()}}
+                          "cpu_s": time.process_time() - c0, **{k: v.item() / counts[k] for k, v in sums.items()}}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.update(step, record)
-                t0, seen, sums, counts = time.perf_counter(), 0, {}, {}
+                t0, c0, seen, sums, counts = time.perf_counter(), time.process_time(), 0, {}, {}
                 collapsed = watch.update(record) if watch is not None else None
             if gan and world > 1 and (step % cfg.log_every == 0 or step == cfg.steps):
                 flag = torch.tensor([collapsed is not None], device=device)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,13 @@ def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+TIMINGS = ("img_per_s", "cpu_s")  # log fields measured by the clock: they differ between identical runs
+
+
+def without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMINGS}
 
 
 def read_tensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -192,7 +200,7 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, train_photos, family):
     assert [r["step"] for r in log_a] == [1, 2, 3, 4] == [r["step"] for r in log_b]
     for ra, rb in zip(log_a, log_b):
         assert ra.keys() == rb.keys() and {"loss", "kl", "lpips", "lr"} <= ra.keys()
-        assert {k: v for k, v in ra.items() if k != "img_per_s"} == {k: v for k, v in rb.items() if k != "img_per_s"}
+        assert without_timings(ra) == without_timings(rb)
 
 
 def test_micro_batches_give_the_gradient_of_one_batch():
@@ -390,8 +398,26 @@ def test_data_on_device_trains_exactly_as_the_loader(tmp_path, train_photos):
     b = train(tiny_config(train_photos, tmp_path / "device", steps=3, accum=2, data_on_device=True))
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
-    assert read_log(tmp_path / "loader") == [{**r, "img_per_s": s["img_per_s"]} for r, s in
-                                             zip(read_log(tmp_path / "device"), read_log(tmp_path / "loader"))]
+    assert [without_timings(r) for r in read_log(tmp_path / "loader")] == \
+        [without_timings(r) for r in read_log(tmp_path / "device")]
+
+
+def test_log_tells_cpu_time_from_wall_time(tmp_path, train_photos, monkeypatch):
+    """Each record's ``cpu_s`` is the process's CPU time over its window, so a window the process spent waiting
+    (paused, or on a shared machine) shows as wall time (from img_per_s) well above it."""
+    import dgaetok.train as train_module
+
+    def waiting_ema(*args, **kwargs):
+        time.sleep(0.5)  # the process waits: wall time passes, CPU time does not
+        return update_ema(*args, **kwargs)
+
+    update_ema = train_module.update_ema
+    monkeypatch.setattr(train_module, "update_ema", waiting_ema)
+    cfg = tiny_config(train_photos, tmp_path / "run", steps=2)
+    train(cfg)
+    for record in read_log(tmp_path / "run"):
+        wall = cfg.log_every * cfg.batch_size / record["img_per_s"]
+        assert 0 < record["cpu_s"] < wall - 0.4, record
 
 
 def test_non_finite_gradients_stop_at_a_log_step_and_keep_the_good_checkpoint(tmp_path, train_photos, monkeypatch):
