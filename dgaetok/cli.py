@@ -499,6 +499,8 @@ def train(
     warmup: Warmup = 10_000,
     kl_weight: float = typer.Option(1e-6, help="Weight of the KL term (SD-VAE's balance, see docs/training.md)."),
     lpips_weight: float = typer.Option(1.0, help="Weight of the LPIPS term (0: none)."),
+    lowpass_weight: float = typer.Option(0.0, min=0.0, help="DGAE: weight of an MSE between 8x8-pixel block means "
+                                         "of x0' and the image, for colour and shading (0: none, the paper's loss)."),
     lpips_net: LpipsNet = "vgg",
     ema_decay: EmaDecay = 0.999,
     rec_loss: str = typer.Option("l1", help="SD-VAE: reconstruction term, l1 or l2."),
@@ -531,7 +533,7 @@ def train(
         latent_channels=latent_channels, crop=crop, batch_size=batch_size, accum=accum,
         grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr,
         warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
-        arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
+        lowpass_weight=lowpass_weight, arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,
         workers=workers, seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device,

@@ -1,6 +1,7 @@
 """Training objectives.
 
-DGAE: alpha * MSE(v, eps - x) + beta * KL + eta * LPIPS(x0', x), with x0' = x_t - t v.
+DGAE: alpha * MSE(v, eps - x) + beta * KL + eta * LPIPS(x0', x), with x0' = x_t - t v, and optionally
+gamma * MSE of x0' and x averaged over 8x8 blocks (`lowpass_mse`; not in the paper, off by default).
 SD-VAE: L1 (or L2) + beta * KL + eta * LPIPS + an adaptively weighted PatchGAN hinge term (LDM's
 ``LPIPSWithDiscriminator``), with the discriminator's own hinge loss for its optimizer.
 
@@ -48,21 +49,36 @@ def kl_term(posterior, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kl / x[0].numel(), kl
 
 
+LOWPASS_BLOCK = 8  # pixels: the detail a latent of f8 or coarser leaves to the decoder sits below this scale
+
+
+def lowpass_mse(a: torch.Tensor, b: torch.Tensor, block: int = LOWPASS_BLOCK) -> torch.Tensor:
+    """MSE between the ``block`` x ``block`` means of two image batches (B, C, H, W): a colour cast or a shading
+    error counts in full, texture that averages out within a block not at all."""
+    return F.mse_loss(F.avg_pool2d(a, block, ceil_mode=True), F.avg_pool2d(b, block, ceil_mode=True))
+
+
 class DGAELoss(nn.Module):
     """The weighted DGAE loss (paper eq. 8).
 
     Defaults: alpha = 1 and beta = 1e-6 as SD-VAE's KL weight; eta = 1.0, SD-VAE's perceptual weight, so that
     DGAE and the GAN-guided baseline put the same pressure on perceptual quality. The velocity MSE is a per-pixel
     mean and the KL is weighed against it as SD-VAE weighs it against its per-pixel sum (`kl_term`).
+
+    ``lowpass_weight`` (gamma, default 0: the paper's loss) adds `lowpass_mse` of x0' and x. The velocity MSE
+    spends almost all of its gradient on texture that the latent cannot fix, so colour and shading, which the
+    latent does fix, get a small share of the pull, and a small model can keep a colour cast; this term pulls on
+    them alone.
     """
 
     def __init__(self, perceptual: nn.Module | None, velocity_weight: float = 1.0, kl_weight: float = 1e-6,
-                 lpips_weight: float = 1.0):
+                 lpips_weight: float = 1.0, lowpass_weight: float = 0.0):
         super().__init__()
         if lpips_weight > 0 and perceptual is None:
             raise ValueError("lpips_weight > 0 needs a perceptual network")
         self.perceptual = perceptual
         self.velocity_weight, self.kl_weight, self.lpips_weight = velocity_weight, kl_weight, lpips_weight
+        self.lowpass_weight = lowpass_weight
 
     def forward(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None, step: int = 0
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -79,10 +95,15 @@ class DGAELoss(nn.Module):
         kl, kl_per_image = kl_term(posterior, x)
         loss = self.velocity_weight * mse + self.kl_weight * kl
         logs = {"mse": mse.detach(), "kl": kl_per_image.detach()}
+        x0 = flow.predict_x0(x_t, t, v)
         if self.lpips_weight > 0:
-            perceptual = self.perceptual(flow.predict_x0(x_t, t, v), x).mean()
+            perceptual = self.perceptual(x0, x).mean()
             loss = loss + self.lpips_weight * perceptual
             logs["lpips"] = perceptual.detach()
+        if self.lowpass_weight > 0:
+            lowpass = lowpass_mse(x0, x)
+            loss = loss + self.lowpass_weight * lowpass
+            logs["lowpass"] = lowpass.detach()
         logs["loss"] = loss.detach()
         return loss, logs
 

@@ -78,6 +78,7 @@ class TrainConfig:
     velocity_weight: float = 1.0
     kl_weight: float = 1e-6
     lpips_weight: float = 1.0
+    lowpass_weight: float = 0.0  # DGAE: MSE of x0' and the image over 8x8 blocks (`losses.lowpass_mse`); 0: off
     lpips_net: str = "vgg"
     lpips_pretrained: bool = True  # False: random LPIPS trunk, for tests only
     # SD-VAE only: reconstruction term and the PatchGAN (LDM's LPIPSWithDiscriminator)
@@ -414,6 +415,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         raise InputError("freezing the encoder needs an encoder to start from (--init-encoder)")
     if cfg.teacher and (cfg.warm_start or cfg.init_encoder):
         raise InputError("a distilled student starts from its teacher; --warm-start and --init-encoder do not apply")
+    if cfg.lowpass_weight and (cfg.teacher or cfg.model_config().arch != "dgae"):
+        raise InputError("--lowpass-weight is a term of the DGAE loss; SD-VAE and distillation runs have none")
     rank, world, device = distributed_setup(cfg.device)
     try:
         precision = resolve(cfg.precision, device)
@@ -464,7 +467,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         loss_fn = SDVAELoss(perceptual, disc, cfg.rec_loss, cfg.kl_weight, cfg.lpips_weight, cfg.disc_weight,
                             cfg.disc_start).to(device)
     else:
-        loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight).to(device)
+        loss_fn = DGAELoss(perceptual, cfg.velocity_weight, cfg.kl_weight, cfg.lpips_weight,
+                           cfg.lowpass_weight).to(device)
     wrap = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else m  # noqa: E731
     net = wrap(distill.Student(model, list(model.distilled.grid)) if teacher is not None else model)

@@ -11,8 +11,10 @@
 #   full256  then whole 256 px images, warm-started from crop128's EMA weights (on a new machine, from a bundled
 #            default that this recipe made)
 # The learning rate is constant after its warm-up (min_lr = lr), so a run that is cut into many invocations of any
-# length trains the same way. Then `python scripts/default_candidate.py` scores the newest weights against the
-# bundled ones. The recipe and why: weights/README.md.
+# length trains the same way. The loss has `--lowpass-weight 10` (10 x the MSE of x0' and the photo over 8x8 blocks), which
+# the bundled default's run took on at full256 step 2750 against its colour cast. Then
+# `python scripts/default_candidate.py` scores the newest weights against the bundled ones. The recipe and why:
+# weights/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-${DATA:-../shared/data/train}}
@@ -22,7 +24,7 @@ steps128=${STEPS128:-2500}
 steps256=${STEPS256:-1000000}
 nice=${NICE:-10}
 common=(--preset dgae-s -f 8 -c 4 --resolution 256 --batch-size 8 --lr 1e-4 --min-lr 1e-4 --warmup 100
-        --lpips-net alex --lpips-weight 1.0 --kl-weight 1e-6 --ema-decay 0.999 --precision auto
+        --lpips-net alex --lpips-weight 1.0 --lowpass-weight 10 --kl-weight 1e-6 --ema-decay 0.999 --precision auto
         --ckpt-every 100 --sample-every 1000 --sample-steps 8 --log-every 25 --workers 1 --stats-images 64)
 last_step() { python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1]).get('step', 0))" "$1/log.jsonl" 2>/dev/null || echo 0; }
 

@@ -289,6 +289,40 @@ def test_bad_options_are_input_errors(tmp_path, train_photos):
     empty.mkdir()
     with pytest.raises(InputError, match="no images"):
         train(tiny_config(empty, tmp_path / "y"))
+    with pytest.raises(InputError, match="lowpass"):
+        train(tiny_config(train_photos, tmp_path / "z", preset="sdvae-t", lowpass_weight=1.0))
+    assert not (tmp_path / "z").exists()
+
+
+def test_lowpass_term_counts_colour_and_shading_not_texture():
+    from dgaetok.losses import lowpass_mse
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.4 - 0.2  # zero mean in every 8x8 block
+    assert lowpass_mse(x + checker, x).item() < 1e-12
+    assert F.mse_loss(x + checker, x).item() == pytest.approx(0.04)  # what a per-pixel MSE would charge for it
+    tint = torch.tensor([0.0, -0.1, 0.1]).view(1, 3, 1, 1)  # a green-to-blue cast, the default's old fault
+    assert lowpass_mse(x + tint, x).item() == pytest.approx(0.02 / 3)
+    shading = torch.linspace(-0.2, 0.2, 32).view(1, 1, 1, 32)  # smooth across blocks: counted, blurred only a little
+    assert lowpass_mse(x + shading, x).item() == pytest.approx(F.mse_loss(x + shading, x).item(), rel=0.1)
+
+
+def test_lowpass_weight_adds_the_block_mse_of_x0_to_the_dgae_loss():
+    from dgaetok.losses import DGAELoss, lowpass_mse
+
+    torch.manual_seed(0)
+    model = build_model(MODELS["dgae-t"](resolution=32, downsample=8, latent_channels=4))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    run = lambda weight: DGAELoss(None, lpips_weight=0.0, lowpass_weight=weight)(  # noqa: E731
+        model, x, torch.Generator().manual_seed(2))
+    (plain, plain_logs), (loss, logs) = run(0.0), run(3.0)
+    assert "lowpass" not in plain_logs and logs["lowpass"] > 0
+    assert loss.item() == pytest.approx(plain.item() + 3.0 * logs["lowpass"].item(), rel=1e-5)
+    # The same noise and t as the loss draws: its x0' against the images, block by block.
+    gen = torch.Generator().manual_seed(2)
+    noise, t = torch.randn(x.shape, generator=gen), flow.sample_t(2, "cpu", gen)
+    v, x_t, _ = model(x, t, noise, gen)
+    assert logs["lowpass"].item() == pytest.approx(lowpass_mse(flow.predict_x0(x_t, t, v.float()), x).item(), rel=1e-5)
 
 
 # --- DDP ------------------------------------------------------------------------------------------------------
