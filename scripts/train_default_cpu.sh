@@ -11,8 +11,8 @@
 #   full256  then whole 256 px images, warm-started from crop128's EMA weights (on a new machine, from a bundled
 #            default that this recipe made)
 # The learning rate is constant after its warm-up (min_lr = lr), so a run that is cut into many invocations of any
-# length trains the same way. The loss has `--lowpass-weight 10` (10 x the MSE of x0' and the photo over 8x8 blocks), which
-# the bundled default's run took on at full256 step 2750 against its colour cast. Then
+# length trains the same way. The loss has `--lowpass-weight 10` (10 x the MSE of x0' and the photo over 8x8
+# blocks), which the bundled default's run took on at full256 step 2750 against its colour cast. Then
 # `python scripts/default_candidate.py` scores the newest weights against the bundled ones. The recipe and why:
 # weights/README.md.
 set -euo pipefail
