@@ -301,7 +301,7 @@ def test_lowpass_term_counts_colour_and_shading_not_texture():
     checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.4 - 0.2  # zero mean in every 8x8 block
     assert lowpass_mse(x + checker, x).item() < 1e-12
     assert F.mse_loss(x + checker, x).item() == pytest.approx(0.04)  # what a per-pixel MSE would charge for it
-    tint = torch.tensor([0.0, -0.1, 0.1]).view(1, 3, 1, 1)  # a green-to-blue cast, as the default's
+    tint = torch.tensor([0.0, -0.1, 0.1]).view(1, 3, 1, 1)  # a green-to-blue cast shared by the whole image
     assert lowpass_mse(x + tint, x).item() == pytest.approx(0.02 / 3)
     shading = torch.linspace(-0.2, 0.2, 32).view(1, 1, 1, 32)  # smooth across blocks: counted, blurred only a little
     assert lowpass_mse(x + shading, x).item() == pytest.approx(F.mse_loss(x + shading, x).item(), rel=0.1)
