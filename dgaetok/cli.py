@@ -562,7 +562,7 @@ def run_training(data: Path, out_dir: Path, **fields) -> None:
 @user_errors
 def distill(
     teacher: str = typer.Argument(..., metavar="TEACHER", help="The DGAE model file (or a name in weights/) to "
-                                  "distil; the student starts as a copy of it."),
+                                  "distil; the student starts as a copy of it (its decoder: see --warm-start)."),
     data: Path = typer.Argument(..., help="Folder of training images."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder: the student is model.safetensors there "
                                  "(with checkpoint.safetensors and log.jsonl, as train's)."),
@@ -599,6 +599,9 @@ def distill(
     compile: Compile = None,
     data_on_device: DataOnDevice = False,
     minutes: Minutes = None,
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Start the student's decoder from this "
+                                              "model file's (same config: an earlier student, of this teacher or "
+                                              "of an earlier version of it) instead of the teacher's."),
     stats_images: StatsImages = 256,
 ):
     """Distil a DGAE decoder into a student that decodes in K steps (1 by default) what the teacher decodes in N.
@@ -613,7 +616,7 @@ def distill(
         accum=accum, grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup,
         ema_decay=ema_decay, log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, workers=workers,
         seed=seed, resume=resume, device=device, compile=compile, data_on_device=data_on_device, minutes=minutes,
-        stats_images=stats_images, precision=precision,
+        warm_start=str(warm_start) if warm_start else None, stats_images=stats_images, precision=precision,
     )
 
 

@@ -4,9 +4,11 @@
 
 As SSDD (Vallaeys et al. 2025) does, without a GAN: the student is the teacher's model, initialised from it, whose
 encoder stays the teacher's (frozen, so that it decodes the latents the teacher's encoder made, and that latent
-diffusion models were trained on). Each training image is encoded once (posterior mean); from one noise draw the
-teacher integrates the flow ODE in ``teacher_steps`` Euler steps on its time grid (``teacher_shift``) and the
-student in K steps on its own; the loss pulls the student's image towards the teacher's:
+diffusion models were trained on); a student of a retrained teacher may start from an earlier student's decoder
+instead (``TrainConfig.warm_start``), which already decodes in K steps. Each training image is encoded once
+(posterior mean); from one noise draw the teacher integrates the flow ODE in ``teacher_steps`` Euler steps on its
+time grid (``teacher_shift``) and the student in K steps on its own; the loss pulls the student's image towards
+the teacher's:
 
     mse_weight * MSE(student, teacher) + lpips_weight * LPIPS(student, teacher)
         + real_weight * (mse_weight * MSE(student, x) + lpips_weight * LPIPS(student, x))

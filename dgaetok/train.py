@@ -105,7 +105,9 @@ class TrainConfig:
     precision: str = "auto"  # what the networks compute in (`dgaetok.precision`); weights, optimizer and EMA: fp32
     data_on_device: bool = False  # decode the images once and keep them on the device (`data.DeviceImages`)
     minutes: float | None = None  # wall-time budget: stop then, and end the cosine schedule there (`Budget`)
-    warm_start: str | None = None  # a model file of the same config to start from (fresh optimizer and schedule)
+    # a model file of the same config to start from (fresh optimizer and schedule); a distillation takes only its
+    # decoder (an earlier student's, of this teacher or of an earlier one), the encoder staying the teacher's
+    warm_start: str | None = None
     # the encoder from another model file (same f, c and encoder shape), optionally frozen for the first N steps
     init_encoder: str | None = None
     freeze_encoder: int = 0
@@ -253,13 +255,18 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     return step
 
 
-def warm_start(model: Tokenizer, path: str | os.PathLike) -> None:
-    """Load a model file's weights into ``model`` (a new run that starts where another model is)."""
+def warm_start(model: Tokenizer, path: str | os.PathLike, part: str | None = None) -> None:
+    """Load a model file's weights into ``model`` (a new run that starts where another model is), or only those of
+    one of its parts (``part``, "decoder" say: a student that starts where an earlier student's decoder is)."""
     meta, tensors = read_model_file(resolve_model(path))
     if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: --warm-start needs a model of the same config; it holds "
                          f"{meta['config']}, this run builds {model.config.to_json()}")
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    if part is None:
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    else:
+        getattr(model, part).load_state_dict({k[len(part) + 1:]: v.float() for k, v in tensors.items()
+                                              if k.startswith(part + ".")})
 
 
 def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module | None]) -> None:
@@ -413,8 +420,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         raise InputError(f"rec_loss {cfg.rec_loss!r}: choose l1 or l2")
     if cfg.freeze_encoder and not cfg.init_encoder:
         raise InputError("freezing the encoder needs an encoder to start from (--init-encoder)")
-    if cfg.teacher and (cfg.warm_start or cfg.init_encoder):
-        raise InputError("a distilled student starts from its teacher; --warm-start and --init-encoder do not apply")
+    if cfg.teacher and cfg.init_encoder:
+        raise InputError("a distilled student keeps its teacher's encoder; --init-encoder does not apply")
     if cfg.lowpass_weight and (cfg.teacher or cfg.model_config().arch != "dgae"):
         raise InputError("--lowpass-weight is a term of the DGAE loss; SD-VAE and distillation runs have none")
     rank, world, device = distributed_setup(cfg.device)
@@ -438,7 +445,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         model.encoder.requires_grad_(False)  # the teacher's latents stay the student's
     if not (cfg.resume and (out / "checkpoint.safetensors").exists()):  # a resumed run has its weights
         if cfg.warm_start or cfg.teacher:
-            warm_start(model, cfg.warm_start or cfg.teacher)
+            warm_start(model, cfg.teacher or cfg.warm_start)
+        if cfg.teacher and cfg.warm_start:  # the teacher's encoder, an earlier student's decoder
+            warm_start(model, cfg.warm_start, "decoder")
         if cfg.init_encoder:
             load_encoder(model, cfg.init_encoder)
     layout = training_layout(device, precision)  # channels_last but for bf16 on the CPU; inputs follow as they come

@@ -13,20 +13,30 @@
 # distillation"). Whole 256 px images rather than crops, so that the student's GroupNorm sees in training the
 # statistics it decodes with (crops shifted the default's colours). The learning rate is constant after its
 # warm-up, so a run cut into invocations of any length trains the same way; the EMA weights are what is exported.
-# THREADS (default: all) sets the process's threads, for a machine that also trains.
+# A new run (a new default, or a new machine) starts the student's decoder from the bundled one-step decoder's, which
+# decodes in one step already (of the previous default, or of this one), and says so; the encoder is the default's.
+# PROCS and THREADS set processes and threads (scripts/cpu_processes.sh), for a machine that also trains, say.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cpu_processes.sh
 data=${1:-${DATA:-../shared/data/train}}
 hash=$(sha256sum weights/default.safetensors | cut -c1-8)
 run=${RUN:-$HOME/.cache/dgaetok/runs/default-1step-$hash}
-resume=$([ -f "$run/checkpoint.safetensors" ] && echo --resume || true)
-if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS; fi
+student=weights/default-1step.safetensors
+if [ -f "$run/checkpoint.safetensors" ]; then
+  start=(--resume)
+elif [ -f "$student" ]; then
+  echo "note: $run starts its decoder from $student (warm start), its encoder from the default" >&2
+  start=(--warm-start "$student")
+else
+  start=()
+fi
 batch=4
 mkdir -p "$(dirname "$run")"
-nice -n "${NICE:-10}" dgaetok distill default "$data" -o "$run" --teacher-steps 4 --teacher-shift 1.0 \
-  --real-weight 4 --lpips-net alex --resolution 256 --batch-size "$batch" --lr 3e-5 --min-lr 3e-5 --warmup 25 \
-  --ema-decay 0.995 \
-  --precision auto --minutes "${MINUTES:-60}" --workers 1 --sample-every 250 --ckpt-every 50 --log-every 10 $resume
+run_dgaetok distill default "$data" -o "$run" --teacher-steps 4 --teacher-shift 1.0 \
+  --real-weight 4 --lpips-net alex --resolution 256 --batch-size "$batch" --accum "$(accum_for "$run")" --lr 3e-5 \
+  --min-lr 3e-5 --warmup 25 --ema-decay 0.995 --precision auto --minutes "${MINUTES:-60}" --workers 1 \
+  --sample-every 250 --ckpt-every 50 --log-every 10 "${start[@]}"
 python - "$run/model.safetensors" weights/default-1step.safetensors "$batch" <<'PY'
 import sys, torch
 from safetensors import safe_open

@@ -14,15 +14,15 @@
 # length trains the same way. The loss has `--lowpass-weight 10` (10 x the MSE of x0' and the photo over 8x8
 # blocks), which the bundled default's run took on at full256 step 2750 against its colour cast. Then
 # `python scripts/default_candidate.py` scores the newest weights against the bundled ones. The recipe and why:
-# weights/README.md.
+# weights/README.md. PROCS=2 trains in two processes (scripts/cpu_processes.sh: faster than threads on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/cpu_processes.sh
 data=${1:-${DATA:-../shared/data/train}}
 runs=${RUNS:-$HOME/.cache/dgaetok/runs/default}
 minutes=${MINUTES:-60}
 steps128=${STEPS128:-2500}
 steps256=${STEPS256:-1000000}
-nice=${NICE:-10}
 common=(--preset dgae-s -f 8 -c 4 --resolution 256 --batch-size 8 --lr 1e-4 --min-lr 1e-4 --warmup 100
         --lpips-net alex --lpips-weight 1.0 --lowpass-weight 10 --kl-weight 1e-6 --ema-decay 0.999 --precision auto
         --ckpt-every 100 --sample-every 1000 --sample-steps 8 --log-every 25 --workers 1 --stats-images 64)
@@ -37,8 +37,10 @@ train() {  # dir crop steps init
     start=(--warm-start "$4")
   fi
   mkdir -p "$(dirname "$dir")"
-  nice -n "$nice" dgaetok train "$data" --out "$dir" --crop "$2" --steps "$3" --minutes "$minutes" "${common[@]}" \
-    "${start[@]}"
+  local accum
+  accum=$(accum_for "$dir")
+  run_dgaetok train "$data" --out "$dir" --crop "$2" --steps "$3" --minutes "$minutes" \
+    --accum "$accum" "${common[@]}" "${start[@]}"
 }
 
 # A bundled default that this recipe made past crop128 (its file names the phase and step) lets a new machine go on

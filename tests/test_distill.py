@@ -147,12 +147,34 @@ def test_bad_distillation_settings_are_input_errors(tmp_path, photos, teacher, t
         (dict(teacher=str(sdvae / "model.safetensors")), "decodes in one pass already"),
         (dict(student_steps=4), "choose 1 to 3"),
         (dict(teacher_steps=1), "2 or more steps"),
-        (dict(warm_start=str(tiny_model_file)), "starts from its teacher"),
+        (dict(init_encoder=str(tiny_model_file)), "keeps its teacher's encoder"),
+        (dict(warm_start=str(sdvae / "model.safetensors")), "same config"),
         (dict(teacher=str(tmp_path / "missing.safetensors")), "no such model file"),
     ]:
         with pytest.raises(InputError, match=message):
             train(distill_config(photos, tmp_path / "run", teacher, **kw))
         assert not (tmp_path / "run").exists()
+
+
+def test_a_warm_started_student_takes_the_earlier_decoder_and_keeps_its_teachers_encoder(tmp_path, photos, teacher):
+    """Distilling a new version of a teacher need not start over: the student's decoder starts as an earlier
+    student's (of the teacher before), its encoder is the new teacher's, and its record names the new teacher."""
+    from dgaetok.models import save_model
+
+    earlier = load_model(teacher)
+    with torch.no_grad():  # an encoder and a decoder that differ from the teacher's
+        for p in earlier.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    earlier_file = tmp_path / "earlier-student.safetensors"
+    save_model(earlier, earlier_file)
+    out = tmp_path / "student"
+    train(distill_config(photos, out, teacher, steps=1, lr=0.0, warm_start=str(earlier_file)))
+    student, t = load_model(out / "model.safetensors"), load_model(teacher)
+    assert json.loads(read_tensors(out / "model.safetensors")[0]["distilled"])["teacher"] == file_sha256(teacher)
+    for name, value in student.state_dict().items():
+        source = t if name.startswith("encoder.") else earlier
+        assert torch.equal(value, source.state_dict()[name]), name
+    assert not torch.equal(student.state_dict()["decoder.out.2.weight"], t.state_dict()["decoder.out.2.weight"])
 
 
 def test_the_student_keeps_its_teachers_latent_statistics(tmp_path, photos, teacher):
