@@ -13,7 +13,8 @@
 3. One JSON line per scored model in ``weights/default-curve.jsonl`` and the curve drawn from all of them,
    ``weights/default-curve.png`` (PSNR, SSIM and LPIPS against CPU-hours, with the goals).
 4. With ``--replace``, and only if PSNR, SSIM and LPIPS all improve, the candidate becomes
-   ``weights/default.safetensors`` (bfloat16, its training recorded in the metadata).
+   ``weights/default.safetensors`` (bfloat16, its training recorded in the metadata, and its latent statistics
+   measured as the run would have at its end, if it was stopped before).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from dgaetok.cli import training_data_name  # noqa: E402
 from dgaetok.files import atomic_path  # noqa: E402
 from dgaetok.models import file_sha256, load_model, read_model_file, save_model, weights_dir  # noqa: E402
 from dgaetok.plots import figure, save  # noqa: E402
+from dgaetok.stats import measure_folder  # noqa: E402
 from gpu_default_collect import better_than, score  # noqa: E402
 
 PHASES = ("crop128", "full256")  # in the order train_default_cpu.sh runs them
@@ -154,6 +156,10 @@ def main() -> int:
     print(line("candidate", new) + f"  ({row['images_seen']} images, {hours:.2f} CPU-hours)")
     if better and args.replace:
         model = load_model(candidate)
+        if model.latent_stats is None:  # a run stopped early exports them only at its end: measure them as it would
+            with safe_open(str(phases[-1] / "checkpoint.safetensors"), "pt") as fh:
+                run = json.loads(fh.metadata()["train_config"])
+            model.latent_stats = measure_folder(model, run["data"], run["stats_images"] or 256)
         if model.latent_stats is not None:  # measured on a path of the training machine: keep the folder's name
             model.latent_stats = dataclasses.replace(model.latent_stats,
                                                      source=training_data_name(model.latent_stats.source))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgaetok.models import file_sha256, join_model_files, load_model, read_model_file
+from dgaetok.models import file_sha256, join_model_files, load_model, read_model_file, save_model
 
 from conftest import save_tiny_model
 
@@ -157,3 +157,12 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     # its latent statistics name the training folder, not where it lay on the machine that trained
     assert json.loads(meta["latent_stats"])["source"].startswith(f"{train_photos.name} (")
 
+
+    # a run stopped before its end exports its model without latent statistics: the new default gets them measured
+    # as the run would have at its end (over the run's --stats-images of its training photos)
+    stopped = load_model(runs / "crop128" / "model.safetensors")
+    stopped.latent_stats = None
+    save_model(stopped, runs / "crop128" / "model.safetensors", step="3")
+    assert script.main() == 0
+    stats = json.loads(read_model_file(current)[0]["latent_stats"])
+    assert stats["images"] == 2 and stats["source"].startswith(f"{train_photos.name} (")
