@@ -262,11 +262,11 @@ def warm_start(model: Tokenizer, path: str | os.PathLike, part: str | None = Non
     if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: --warm-start needs a model of the same config; it holds "
                          f"{meta['config']}, this run builds {model.config.to_json()}")
+    tensors = {k: v.float() for k, v in tensors.items()}
     if part is None:
-        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+        model.load_state_dict(tensors)
     else:
-        getattr(model, part).load_state_dict({k[len(part) + 1:]: v.float() for k, v in tensors.items()
-                                              if k.startswith(part + ".")})
+        load_prefixed(tensors, {f"{part}.": getattr(model, part)})
 
 
 def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module | None]) -> None:
