@@ -255,10 +255,17 @@ def load_checkpoint(out: Path, model: Tokenizer, ema: Tokenizer, opts: dict[str,
     return step
 
 
-def warm_start(model: Tokenizer, path: str | os.PathLike, part: str | None = None) -> None:
+WARM_START_RECORD = ("step", "phase", "cpu_hours", "images_seen")  # what a model file says of its own training
+
+
+def warm_start(model: Tokenizer, path: str | os.PathLike, part: str | None = None) -> dict:
     """Load a model file's weights into ``model`` (a new run that starts where another model is), or only those of
-    one of its parts (``part``, "decoder" say: a student that starts where an earlier student's decoder is)."""
-    meta, tensors = read_model_file(resolve_model(path))
+    one of its parts (``part``, "decoder" say: a student that starts where an earlier student's decoder is).
+
+    Returns the run's first log record: the file, its sha256 and its own training record, so that a run's
+    progress adds up even after the file it started from has been replaced (the bundled default, say)."""
+    file = resolve_model(path)
+    meta, tensors = read_model_file(file)
     if type(model.config).from_json(meta["config"]) != model.config:
         raise InputError(f"{path}: --warm-start needs a model of the same config; it holds "
                          f"{meta['config']}, this run builds {model.config.to_json()}")
@@ -267,6 +274,8 @@ def warm_start(model: Tokenizer, path: str | os.PathLike, part: str | None = Non
         model.load_state_dict(tensors)
     else:
         load_prefixed(tensors, {f"{part}.": getattr(model, part)})
+    return {"step": 0, "event": "warm_start", "part": part or "all", "from": str(path), "sha256": file_sha256(file),
+            **{f"from_{k}": meta[k] for k in WARM_START_RECORD if k in meta}}
 
 
 def load_prefixed(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module | None]) -> None:
@@ -443,11 +452,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         model.distilled = distill.record(teacher, cfg.teacher_steps, cfg.teacher_shift, cfg.student_steps,
                                          cfg.student_shift)
         model.encoder.requires_grad_(False)  # the teacher's latents stay the student's
+    started = []  # where a new run's weights come from, its log's first records
     if not (cfg.resume and (out / "checkpoint.safetensors").exists()):  # a resumed run has its weights
-        if cfg.warm_start or cfg.teacher:
-            warm_start(model, cfg.teacher or cfg.warm_start)
-        if cfg.teacher and cfg.warm_start:  # the teacher's encoder, an earlier student's decoder
-            warm_start(model, cfg.warm_start, "decoder")
+        if cfg.warm_start and not cfg.teacher:
+            started.append(warm_start(model, cfg.warm_start))
+        if cfg.teacher:  # a student starts as its teacher; with a warm start, with an earlier student's decoder
+            warm_start(model, cfg.teacher)
+            if cfg.warm_start:
+                started.append(warm_start(model, cfg.warm_start, "decoder"))
         if cfg.init_encoder:
             load_encoder(model, cfg.init_encoder)
     layout = training_layout(device, precision)  # channels_last but for bf16 on the CPU; inputs follow as they come
@@ -506,6 +518,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
             resume_log(out / "log.jsonl", step)
     progress = _Progress(cfg.steps, step) if is_main else None
     log_file = open(out / "log.jsonl", "a") if is_main else None
+    if is_main and not step:
+        log_file.writelines(json.dumps(record) + "\n" for record in started)
 
     in_update = False  # an interrupt between opt.step() and step += 1 must not save a half-made step
     sums: dict[str, torch.Tensor] = {}

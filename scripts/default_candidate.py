@@ -3,18 +3,19 @@
     python scripts/default_candidate.py [RUNS] [--limit N] [--replace]
 
 1. The candidate is the run's newest model (``RUNS/full256`` once that phase has begun, else ``RUNS/crop128``;
-   RUNS defaults to ~/.cache/dgaetok/runs/default), copied to ``RUNS/scored/`` first, since a run that goes on
-   rewrites it at every checkpoint. Its training up to that model's step: steps, images seen and hours of 2-core
-   CPU wall time, summed from the phases' ``log.jsonl`` (each record's images over its images/s) on top of the
-   ``--base-hours`` of the model the run warm-started from (the bundled stand-in's 75 minutes).
+   RUNS defaults to ~/.cache/dgaetok/runs/default) as the default would ship: exported to ``RUNS/scored/`` in
+   bfloat16, with its training record and latent statistics (measured as the run would have at its end, if it was
+   stopped before), since bf16 rounding moves the scores too. Its training up to that model's step: steps,
+   images seen and hours of 2-core CPU wall time, summed from the phases' ``log.jsonl`` (each record's images
+   over its images/s) on top of those of the model the run warm-started from, as its file recorded them when the
+   run began (the first line of the log; the stand-in, which records none: ``--base-hours``, its 75 minutes).
 2. `bench rfid` scores it and the bundled default on the evaluation set (all 500 images unless ``--limit``, 8
    Euler steps, uniform grid, seed 0, LPIPS-alex; the default's scores come from ``weights/scores.json`` when it
    holds them for the same settings): PSNR, SSIM, LPIPS, rFID, the mean colour offset and the border ratio.
 3. One JSON line per scored model in ``weights/default-curve.jsonl`` and the curve drawn from all of them,
    ``weights/default-curve.png`` (PSNR, SSIM and LPIPS against CPU-hours, with the goals).
-4. With ``--replace``, and only if PSNR, SSIM and LPIPS all improve, the candidate becomes
-   ``weights/default.safetensors`` (bfloat16, its training recorded in the metadata, and its latent statistics
-   measured as the run would have at its end, if it was stopped before).
+4. With ``--replace``, and only if PSNR, SSIM and LPIPS all improve, the scored file becomes
+   ``weights/default.safetensors``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import datetime
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -43,19 +45,44 @@ PHASES = ("crop128", "full256")  # in the order train_default_cpu.sh runs them
 GOALS = {"psnr": 22.0, "ssim": 0.55, "lpips": 0.35}  # at 8 steps on the 500 evaluation images
 
 
-def snapshot(phase: Path) -> Path:
-    """A copy of the phase's model, taken before scoring: a run still training rewrites model.safetensors at every
+def snapshot(phase: Path, tmp: Path) -> Path:
+    """A copy of the phase's model, taken first: a run still training rewrites model.safetensors at every
     checkpoint, and the row must describe the model that was scored."""
-    dst = phase.parent / "scored" / f"{phase.name}.safetensors"
-    dst.parent.mkdir(exist_ok=True)
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(phase / "model.safetensors", tmp)
-    return dst
+    shutil.copyfile(phase / "model.safetensors", tmp / "model.safetensors")
+    return tmp / "model.safetensors"
 
 
 def model_step(path: Path) -> int:
     with safe_open(str(path), "pt") as fh:
         return int(fh.metadata()["step"])
+
+
+def export(model_file: Path, phase: Path, dst: Path, **record: str) -> Path:
+    """The model as the default would ship: bfloat16, its training recorded, its latent statistics (a run stopped
+    before its end has none: measured as the run would have, over its --stats-images of its training data) under
+    the training folder's name rather than its path on the machine that trained. Scored as it is, and, if it
+    replaces the default, that very file: bf16 rounding moves the 8-step scores by about 0.001 in SSIM."""
+    model = load_model(model_file)
+    if model.latent_stats is None:
+        with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
+            run = json.loads(fh.metadata()["train_config"])
+        model.latent_stats = measure_folder(model, run["data"], run["stats_images"] or 256)
+    model.latent_stats = dataclasses.replace(model.latent_stats, source=training_data_name(model.latent_stats.source))
+    dst.parent.mkdir(exist_ok=True)
+    save_model(model, dst, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh", phase=phase.name,
+               data="train (1765 photos)", weights="EMA 0.999", **record)
+    return dst
+
+
+def warm_start_record(phase: Path, current: Path) -> dict:
+    """What the run's first phase started from, by that model file's own training record (step, phase, CPU-hours,
+    images seen): the first line of the phase's log (`dgaetok train --warm-start` writes it). A run older than that
+    record started from the stand-in (crop128) or from the bundled default, if it has not been replaced since."""
+    first = (phase / "log.jsonl").read_text().partition("\n")[0]
+    record = json.loads(first) if first.startswith("{") else {}
+    if record.get("event") == "warm_start":
+        return {k[len("from_"):]: v for k, v in record.items() if k.startswith("from_")}
+    return read_model_file(current)[0] if current.is_file() and phase.name != PHASES[0] else {}
 
 
 def run_progress(phase: Path, step: int | None = None) -> dict:
@@ -113,16 +140,19 @@ def main() -> int:
         phases = phases[:[p.name for p in phases].index(args.phase) + 1] if args.runs / args.phase in phases else []
     if not phases:
         raise SystemExit(f"{args.runs}: no run of scripts/train_default_cpu.sh there ({args.phase or 'any phase'})")
-    candidate = snapshot(phases[-1])
-    progress = [run_progress(p) for p in phases[:-1]] + [run_progress(phases[-1], model_step(candidate))]
-    weights = weights_dir()
-    current = weights / "default.safetensors"
-    # what the run started from: the stand-in (--base-hours), or, where crop128 never ran here, a bundled default
-    # this recipe made, whose file carries its own training so far
-    start = read_model_file(current)[0] if current.is_file() and phases[0].name != PHASES[0] else {}
-    base_hours = float(start.get("cpu_hours", args.base_hours))
-    base_images = int(start.get("images_seen", 0))
-    hours = base_hours + sum(p["hours"] for p in progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = snapshot(phases[-1], Path(tmp))
+        progress = [run_progress(p) for p in phases[:-1]] + [run_progress(phases[-1], model_step(raw))]
+        weights = weights_dir()
+        current = weights / "default.safetensors"
+        start = warm_start_record(phases[0], current)
+        base_hours = float(start.get("cpu_hours", args.base_hours))
+        images_seen = int(start.get("images_seen", 0)) + sum(r["images"] for r in progress)
+        hours = base_hours + sum(p["hours"] for p in progress)
+        if start.get("phase") == phases[0].name:  # the run went on with the phase its warm start was in
+            progress[0]["steps"] += int(start["step"])
+        candidate = export(raw, phases[-1], args.runs / "scored" / f"{phases[-1].name}.safetensors",
+                           step=str(progress[-1]["steps"]), cpu_hours=str(hours), images_seen=str(images_seen))
     scores_file = weights / "scores.json"
     cache = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
     old = score(current, args.data, args.limit, args.steps, cache) if current.is_file() else None
@@ -135,12 +165,12 @@ def main() -> int:
     rows = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
     row = {"date": datetime.date.today().isoformat(), "sha256": file_sha256(candidate)[:16], "phase": phases[-1].name,
            "steps": {p.name: r["steps"] for p, r in zip(phases, progress)},
-           "images_seen": base_images + sum(r["images"] for r in progress), "cpu_hours": hours,
+           "images_seen": images_seen, "cpu_hours": hours,
            **{k: new[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")},
            "better_than_default": better}
     if not rows and old is not None:  # the curve starts at the model the run warm-started from
         rows.append({"date": row["date"], "sha256": file_sha256(current)[:16], "phase": "start",
-                     "cpu_hours": base_hours, "images_seen": base_images,
+                     "cpu_hours": base_hours, "images_seen": int(start.get("images_seen", 0)),
                      **{k: old[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")}})
     rows = [r for r in rows if r["sha256"] != row["sha256"]] + [row]
     with atomic_path(curve_file) as tmp:
@@ -155,17 +185,8 @@ def main() -> int:
         print(line("default  ", old))
     print(line("candidate", new) + f"  ({row['images_seen']} images, {hours:.2f} CPU-hours)")
     if better and args.replace:
-        model = load_model(candidate)
-        if model.latent_stats is None:  # a run stopped early exports them only at its end: measure them as it would
-            with safe_open(str(phases[-1] / "checkpoint.safetensors"), "pt") as fh:
-                run = json.loads(fh.metadata()["train_config"])
-            model.latent_stats = measure_folder(model, run["data"], run["stats_images"] or 256)
-        if model.latent_stats is not None:  # measured on a path of the training machine: keep the folder's name
-            model.latent_stats = dataclasses.replace(model.latent_stats,
-                                                     source=training_data_name(model.latent_stats.source))
-        save_model(model, current, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh",
-                   step=str(progress[-1]["steps"]), phase=phases[-1].name, data="train (1765 photos)",
-                   weights="EMA 0.999", cpu_hours=str(hours), images_seen=str(row["images_seen"]))
+        with atomic_path(current) as tmp:
+            shutil.copyfile(candidate, tmp)
         print(f"replaced {current}")
         student = weights / "default-1step.safetensors"
         if student.is_file():  # it refuses the new default's latents until distilled from it

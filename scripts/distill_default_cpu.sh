@@ -33,8 +33,9 @@ else
 fi
 batch=4
 mkdir -p "$(dirname "$run")"
+accum=$(accum_for "$run")  # an assignment, so that set -e stops here when PROCS does not fit the run
 run_dgaetok distill default "$data" -o "$run" --teacher-steps 4 --teacher-shift 1.0 \
-  --real-weight 4 --lpips-net alex --resolution 256 --batch-size "$batch" --accum "$(accum_for "$run")" --lr 3e-5 \
+  --real-weight 4 --lpips-net alex --resolution 256 --batch-size "$batch" --accum "$accum" --lr 3e-5 \
   --min-lr 3e-5 --warmup 25 --ema-decay 0.995 --precision auto --minutes "${MINUTES:-60}" --workers 1 \
   --sample-every 250 --ckpt-every 50 --log-every 10 "${start[@]}"
 python - "$run/model.safetensors" weights/default-1step.safetensors "$batch" <<'PY'

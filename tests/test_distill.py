@@ -175,6 +175,8 @@ def test_a_warm_started_student_takes_the_earlier_decoder_and_keeps_its_teachers
         source = t if name.startswith("encoder.") else earlier
         assert torch.equal(value, source.state_dict()[name]), name
     assert not torch.equal(student.state_dict()["decoder.out.2.weight"], t.state_dict()["decoder.out.2.weight"])
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert (start["event"], start["part"], start["sha256"]) == ("warm_start", "decoder", file_sha256(earlier_file))
 
 
 def test_the_student_keeps_its_teachers_latent_statistics(tmp_path, photos, teacher):

@@ -96,9 +96,10 @@ def test_gpu_default_session_rehearsed_on_cpu(tmp_path, shared_data, monkeypatch
 
 def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_better(tmp_path, train_photos,
                                                                                     monkeypatch):
-    """scripts/default_candidate.py on a tiny run laid out as train_default_cpu.sh lays its own: the candidate and
-    a scratch default are scored (colour and border too), the curve gets the bundled point and the candidate's,
-    with the candidate's training summed from its log, and a second look reuses the scores and adds no row."""
+    """scripts/default_candidate.py on a tiny run laid out as train_default_cpu.sh lays its own: the candidate (as
+    it would ship, in bf16) and a scratch default are scored (colour and border too), the curve gets the bundled
+    point and the candidate's, with the candidate's training summed from its log, and a second look reuses the
+    scores and adds no row."""
     from dgaetok.train import TrainConfig, train
 
     runs, weights = tmp_path / "runs", tmp_path / "weights"
@@ -125,6 +126,10 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     assert (file_sha256(weights / "default.safetensors") != before) == replaced
     assert len(json.loads((weights / "scores.json").read_text())) == 2
     assert file_sha256(runs / "scored" / "crop128.safetensors")[:16] == candidate["sha256"]  # what was scored
+    # is what ships: the bf16 export itself (its rounding moves the scores)
+    assert read_model_file(runs / "scored" / "crop128.safetensors")[1]["encoder.conv_in.weight"].dtype == torch.bfloat16
+    if replaced:
+        assert file_sha256(weights / "default.safetensors") == file_sha256(runs / "scored" / "crop128.safetensors")
 
     if not replaced:  # looked at again: scores from the cache, the same two rows
         run(*args, env={"DGAETOK_WEIGHTS": str(weights)})
@@ -166,3 +171,29 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     assert script.main() == 0
     stats = json.loads(read_model_file(current)[0]["latent_stats"])
     assert stats["images"] == 2 and stats["source"].startswith(f"{train_photos.name} (")
+
+    # a new machine: full256 warm-starts from the bundled default, which it then replaces, and goes on; its steps,
+    # images and hours add to the default's it started from, however often it replaces the default since
+    def full256_run(name: str) -> Path:
+        train(TrainConfig(data=str(train_photos), out=str(tmp_path / name / "full256"), preset="dgae-t",
+                          resolution=64, downsample=8, latent_channels=4, batch_size=2, steps=2, warmup=1,
+                          lpips_weight=0.0, workers=0, log_every=1, ckpt_every=2, sample_every=100, stats_images=2,
+                          precision="fp32", warm_start=str(current)))
+        monkeypatch.setattr(sys, "argv", ["default_candidate.py", str(tmp_path / name), *args[2:-3], "--replace"])
+        return tmp_path / name
+
+    started = read_model_file(current)[0]
+    full256_run("later")
+    for better in (1.0, 2.0):  # the second look finds the default this very run made
+        monkeypatch.setattr(script, "score", lambda path, *a: {**base, **(
+            {"psnr": 20.0, "ssim": 0.40, "lpips": 0.30} if path == current else
+            {"psnr": 20.0 + better, "ssim": 0.45, "lpips": 0.2})})
+        assert script.main() == 0
+        meta = read_model_file(current)[0]
+        assert meta["phase"] == "full256" and meta["step"] == "2" and meta["images_seen"] == "10"
+        hours = float(meta["cpu_hours"]) - float(started["cpu_hours"])
+        assert 0 < hours < 0.05, hours
+    full256_run("later-still")  # from a full256 default: its steps go on from that default's
+    assert script.main() == 0
+    meta = read_model_file(current)[0]
+    assert meta["phase"] == "full256" and meta["step"] == "4" and meta["images_seen"] == "14"

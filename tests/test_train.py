@@ -21,7 +21,7 @@ from dgaetok.data import ImageFolder
 from dgaetok.dit import DiT, DiT_models
 from dgaetok.errors import InputError
 from dgaetok import flow
-from dgaetok.models import DGAE, DGAE_T, MODELS, build_model, load_model
+from dgaetok.models import DGAE, DGAE_T, MODELS, build_model, file_sha256, load_model
 from dgaetok.train import TrainConfig, accumulate, lr_at, train, update_ema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -515,6 +515,11 @@ def test_warm_start_begins_from_the_model_file(tmp_path, train_photos):
                               warm_start=str(tmp_path / "a" / "model.safetensors")))
     for (name, p), q in zip(first.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), name
+    # the log starts with what the run started from, which stays known when that file is replaced later on
+    start = read_log(tmp_path / "b")[0]
+    assert start == {"step": 0, "event": "warm_start", "part": "all", "from": str(tmp_path / "a" / "model.safetensors"),
+                     "sha256": file_sha256(tmp_path / "a" / "model.safetensors"), "from_step": "2"}
+    assert [r["step"] for r in read_log(tmp_path / "b")[1:]] == [1, 2]
     other = tiny_config(train_photos, tmp_path / "c", steps=2, latent_channels=8,
                         warm_start=str(tmp_path / "a" / "model.safetensors"))
     with pytest.raises(InputError, match="same config"):
