@@ -517,7 +517,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         if step:
             resume_log(out / "log.jsonl", step)
     progress = _Progress(cfg.steps, step) if is_main else None
-    log_file = open(out / "log.jsonl", "a") if is_main else None
+    log_file = open(out / "log.jsonl", "a" if step else "w") if is_main else None  # "w": an attempt killed early
     if is_main and not step:
         log_file.writelines(json.dumps(record) + "\n" for record in started)
 

@@ -78,8 +78,10 @@ def warm_start_record(phase: Path, current: Path) -> dict:
     """What the run's first phase started from, by that model file's own training record (step, phase, CPU-hours,
     images seen): the first line of the phase's log (`dgaetok train --warm-start` writes it). A run older than that
     record started from the stand-in (crop128) or from the bundled default, if it has not been replaced since."""
-    first = (phase / "log.jsonl").read_text().partition("\n")[0]
-    record = json.loads(first) if first.startswith("{") else {}
+    try:
+        record = json.loads((phase / "log.jsonl").read_text().partition("\n")[0])
+    except json.JSONDecodeError:  # a line cut short by a kill
+        record = {}
     if record.get("event") == "warm_start":
         return {k[len("from_"):]: v for k, v in record.items() if k.startswith("from_")}
     return read_model_file(current)[0] if current.is_file() and phase.name != PHASES[0] else {}
@@ -129,7 +131,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500")
     parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--base-hours", type=float, default=1.25, help="training hours of the warm start")
+    parser.add_argument("--base-hours", type=float, default=1.25, help="training hours of a warm start whose file records none")
     parser.add_argument("--phase", choices=PHASES, help="score this phase's model (default: the newest phase's)")
     parser.add_argument("--replace", action="store_true", help="make the candidate the default if it is better")
     args = parser.parse_args()
@@ -165,7 +167,7 @@ def main() -> int:
     rows = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
     row = {"date": datetime.date.today().isoformat(), "sha256": file_sha256(candidate)[:16], "phase": phases[-1].name,
            "steps": {p.name: r["steps"] for p, r in zip(phases, progress)},
-           "images_seen": images_seen, "cpu_hours": hours,
+           "images_seen": images_seen, "cpu_hours": hours, "dtype": "bfloat16",  # rows without: float32 EMA
            **{k: new[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")},
            "better_than_default": better}
     if not rows and old is not None:  # the curve starts at the model the run warm-started from

@@ -117,6 +117,7 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     bundled, candidate = rows
     assert bundled["cpu_hours"] == 1.25 and bundled["sha256"] == before[:16]
     assert candidate["steps"] == {"crop128": 3} and candidate["images_seen"] == 6 and candidate["cpu_hours"] > 1.25
+    assert candidate["dtype"] == "bfloat16"
     assert all(r["images"] == 3 and 0 < r["psnr"] < 60 and r["colour"] >= 0 and r["border"] > 0 for r in rows)
     assert (weights / "default-curve.png").stat().st_size > 10_000
     replaced = f"replaced {weights / 'default.safetensors'}" in done.stdout
@@ -156,6 +157,7 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     monkeypatch.setattr(script, "score", lambda path, *a: {**base, **(
         {"psnr": 20.0, "ssim": 0.40, "lpips": 0.30} if path == current else {"psnr": 21.0, "ssim": 0.45, "lpips": 0.2})})
     assert script.main() == 0
+    assert file_sha256(current) == file_sha256(runs / "scored" / "crop128.safetensors")  # the very file scored
     meta, tensors = read_model_file(current)
     assert meta["phase"] == "crop128" and meta["step"] == "3" and float(meta["cpu_hours"]) > 1.25
     assert meta["images_seen"] == "6" and all(t.dtype == torch.bfloat16 for t in tensors.values())

@@ -510,6 +510,8 @@ def test_a_spent_budget_ends_the_run_with_a_checkpoint(tmp_path, train_photos):
 
 def test_warm_start_begins_from_the_model_file(tmp_path, train_photos):
     first = train(tiny_config(train_photos, tmp_path / "a", steps=2))
+    (tmp_path / "b").mkdir()  # an attempt killed before its first checkpoint left a log: the run starts a new one
+    (tmp_path / "b" / "log.jsonl").write_text('{"step": 0, "event": "warm_start", "sha256": "0"}\n{"step": 7, "lo')
     # lr 0: the second run cannot move, so its EMA is the file it started from
     again = train(tiny_config(train_photos, tmp_path / "b", steps=2, lr=0.0, min_lr=0.0,
                               warm_start=str(tmp_path / "a" / "model.safetensors")))
