@@ -131,7 +131,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "imagenet-val500")
     parser.add_argument("--limit", type=int, default=None, help="first N evaluation images (default: all)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--base-hours", type=float, default=1.25, help="training hours of a warm start whose file records none")
+    parser.add_argument("--base-hours", type=float, default=1.25,
+                        help="training hours of a warm start whose file records none")
     parser.add_argument("--phase", choices=PHASES, help="score this phase's model (default: the newest phase's)")
     parser.add_argument("--replace", action="store_true", help="make the candidate the default if it is better")
     args = parser.parse_args()

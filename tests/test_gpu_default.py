@@ -164,7 +164,6 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     # its latent statistics name the training folder, not where it lay on the machine that trained
     assert json.loads(meta["latent_stats"])["source"].startswith(f"{train_photos.name} (")
 
-
     # a run stopped before its end exports its model without latent statistics: the new default gets them measured
     # as the run would have at its end (over the run's --stats-images of its training photos)
     stopped = load_model(runs / "crop128" / "model.safetensors")
