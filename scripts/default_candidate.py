@@ -5,7 +5,8 @@
 1. The candidate is the run's newest model (``RUNS/full256`` once that phase has begun, else ``RUNS/crop128``;
    RUNS defaults to ~/.cache/dgaetok/runs/default) as the default would ship: exported to ``RUNS/scored/`` in
    bfloat16, with its training record and latent statistics (measured as the run would have at its end, if it was
-   stopped before), since bf16 rounding moves the scores too. Its training up to that model's step: steps,
+   stopped before: on the run's training photos, or on ``--stats-data`` where a copied run folder names a folder
+   this machine lacks), since bf16 rounding moves the scores too. Its training up to that model's step: steps,
    images seen and hours of 2-core CPU wall time, summed from the phases' ``log.jsonl`` (each record's images
    over its images/s) on top of those of the model the run warm-started from, as its file recorded them when the
    run began (the first line of the log; the stand-in, which records none: ``--base-hours``, its 75 minutes).
@@ -57,16 +58,21 @@ def model_step(path: Path) -> int:
         return int(fh.metadata()["step"])
 
 
-def export(model_file: Path, phase: Path, dst: Path, **record: str) -> Path:
+def export(model_file: Path, phase: Path, dst: Path, stats_data: Path | None = None, **record: str) -> Path:
     """The model as the default would ship: bfloat16, its training recorded, its latent statistics (a run stopped
-    before its end has none: measured as the run would have, over its --stats-images of its training data) under
-    the training folder's name rather than its path on the machine that trained. Scored as it is, and, if it
-    replaces the default, that very file: bf16 rounding moves the 8-step scores by about 0.001 in SSIM."""
+    before its end has none: measured as the run would have, over its --stats-images of its training data, or of
+    ``stats_data``) under the training folder's name rather than its path on the machine that trained. Scored as it
+    is, and, if it replaces the default, that very file: bf16 rounding moves the 8-step scores by about 0.001 in
+    SSIM."""
     model = load_model(model_file)
     if model.latent_stats is None:
         with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
             run = json.loads(fh.metadata()["train_config"])
-        model.latent_stats = measure_folder(model, run["data"], run["stats_images"] or 256)
+        data = stats_data or Path(run["data"])
+        if not data.is_dir():  # a run folder copied from another machine names that machine's folder
+            raise SystemExit(f"{data}: no such folder, needed for the latent statistics of {phase}'s model (stopped "
+                             "before its run's end); name the run's training photos with --stats-data FOLDER")
+        model.latent_stats = measure_folder(model, data, run["stats_images"] or 256)
     model.latent_stats = dataclasses.replace(model.latent_stats, source=training_data_name(model.latent_stats.source))
     dst.parent.mkdir(exist_ok=True)
     save_model(model, dst, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh", phase=phase.name,
@@ -135,6 +141,8 @@ def main() -> int:
                         help="training hours of a warm start whose file records none")
     parser.add_argument("--phase", choices=PHASES, help="score this phase's model (default: the newest phase's)")
     parser.add_argument("--replace", action="store_true", help="make the candidate the default if it is better")
+    parser.add_argument("--stats-data", type=Path, help="training photos for the latent statistics of a model "
+                        "stopped before its run's end (default: the folder the run trained on)")
     args = parser.parse_args()
 
     # a phase counts once it has a model (a checkpoint is written first, its model after)
@@ -154,7 +162,7 @@ def main() -> int:
         hours = base_hours + sum(p["hours"] for p in progress)
         if start.get("phase") == phases[0].name:  # the run went on with the phase its warm start was in
             progress[0]["steps"] += int(start["step"])
-        candidate = export(raw, phases[-1], args.runs / "scored" / f"{phases[-1].name}.safetensors",
+        candidate = export(raw, phases[-1], args.runs / "scored" / f"{phases[-1].name}.safetensors", args.stats_data,
                            step=str(progress[-1]["steps"]), cpu_hours=str(hours), images_seen=str(images_seen))
     scores_file = weights / "scores.json"
     cache = json.loads(scores_file.read_text()) if scores_file.is_file() else {}

@@ -172,6 +172,18 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     assert script.main() == 0
     stats = json.loads(read_model_file(current)[0]["latent_stats"])
     assert stats["images"] == 2 and stats["source"].startswith(f"{train_photos.name} (")
+    # a run folder copied from another machine names a training folder this one lacks: --stats-data names it here,
+    # and a folder that is not there either is one line naming it, with nothing replaced
+    copied = tmp_path / "copied-photos"
+    shutil.copytree(train_photos, copied)
+    monkeypatch.setattr(sys, "argv", ["default_candidate.py", *args[1:], "--stats-data", str(copied)])
+    assert script.main() == 0
+    assert json.loads(read_model_file(current)[0]["latent_stats"])["source"].startswith("copied-photos (")
+    kept = file_sha256(current)
+    monkeypatch.setattr(sys, "argv", ["default_candidate.py", *args[1:], "--stats-data", str(tmp_path / "gone")])
+    with pytest.raises(SystemExit, match=r"gone: no such folder.*--stats-data FOLDER$"):
+        script.main()
+    assert file_sha256(current) == kept
 
     # a new machine: full256 warm-starts from the bundled default, which it then replaces, and goes on; its steps,
     # images and hours add to the default's it started from, however often it replaces the default since
