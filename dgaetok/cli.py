@@ -497,6 +497,8 @@ def train(
     lr: Lr = 1e-4,
     min_lr: MinLr = 1e-5,
     warmup: Warmup = 10_000,
+    decay_from: Optional[int] = typer.Option(None, min=0, help="Keep --lr until this step, then the cosine: a "
+                                             "cooldown of a flat-rate run, resumed from a copy of its folder."),
     kl_weight: float = typer.Option(1e-6, help="Weight of the KL term (SD-VAE's balance, see docs/training.md)."),
     lpips_weight: float = typer.Option(1.0, help="Weight of the LPIPS term (0: none)."),
     lowpass_weight: float = typer.Option(0.0, min=0.0, help="DGAE: weight of an MSE between 8x8-pixel block means "
@@ -532,7 +534,7 @@ def train(
         data, out_dir, preset=preset, resolution=resolution, downsample=downsample,
         latent_channels=latent_channels, crop=crop, batch_size=batch_size, accum=accum,
         grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr,
-        warmup=warmup, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
+        warmup=warmup, decay_from=decay_from, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
         lowpass_weight=lowpass_weight, arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,

@@ -69,6 +69,9 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup: int = 10_000
+    # the cosine begins at this step rather than at the warm-up's end: the cooldown of a flat-rate run (min_lr = lr)
+    # on a copy of its folder, resumed with a lower min_lr, so that the flat run goes on (warmup-stable-decay)
+    decay_from: int | None = None
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -146,10 +149,11 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
+    """Linear warmup to ``lr``, flat until ``decay_from`` if set, then cosine decay to ``min_lr`` at ``steps``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    start = max(cfg.warmup, cfg.decay_from or 0)
+    progress = min(1.0, max(0, step - start) / max(1, cfg.steps - start))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 

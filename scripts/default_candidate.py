@@ -10,6 +10,8 @@
    images seen and hours of 2-core CPU wall time, summed from the phases' ``log.jsonl`` (each record's images
    over its images/s) on top of those of the model the run warm-started from, as its file recorded them when the
    run began (the first line of the log; the stand-in, which records none: ``--base-hours``, its 75 minutes).
+   A cooldown (``COOLDOWN=1 bash scripts/train_default_cpu.sh``) is scored as ``RUNS/cooldown``: its row and file
+   also record the step of the flat run it branched from (``cooldown_from``).
 2. `bench rfid` scores it and the bundled default on the evaluation set (all 500 images unless ``--limit``, 8
    Euler steps, uniform grid, seed 0, LPIPS-alex; the default's scores come from ``weights/scores.json`` when it
    holds them for the same settings): PSNR, SSIM, LPIPS, rFID, the mean colour offset and the border ratio.
@@ -58,16 +60,20 @@ def model_step(path: Path) -> int:
         return int(fh.metadata()["step"])
 
 
+def run_config(phase: Path) -> dict:
+    """The phase's training settings, as its checkpoint records them."""
+    with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
+        return json.loads(fh.metadata()["train_config"])
+
+
 def export(model_file: Path, phase: Path, dst: Path, stats_data: Path | None = None, **record: str) -> Path:
     """The model as the default would ship: bfloat16, its training recorded, its latent statistics (a run stopped
     before its end has none: measured as the run would have, over its --stats-images of its training data, or of
     ``stats_data``) under the training folder's name rather than its path on the machine that trained. Scored as it
     is, and, if it replaces the default, that very file: bf16 rounding moves the 8-step scores by about 0.001 in
     SSIM."""
-    model = load_model(model_file)
+    model, run = load_model(model_file), run_config(phase)
     if model.latent_stats is None:
-        with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
-            run = json.loads(fh.metadata()["train_config"])
         data = stats_data or Path(run["data"])
         if not data.is_dir():  # a run folder copied from another machine names that machine's folder
             raise SystemExit(f"{data}: no such folder, needed for the latent statistics of {phase}'s model (stopped "
@@ -76,7 +82,7 @@ def export(model_file: Path, phase: Path, dst: Path, stats_data: Path | None = N
     model.latent_stats = dataclasses.replace(model.latent_stats, source=training_data_name(model.latent_stats.source))
     dst.parent.mkdir(exist_ok=True)
     save_model(model, dst, dtype=torch.bfloat16, source="scripts/train_default_cpu.sh", phase=phase.name,
-               data="train (1765 photos)", weights="EMA 0.999", **record)
+               data="train (1765 photos)", weights=f"EMA {run['ema_decay']}", **record)
     return dst
 
 
@@ -118,10 +124,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig = figure(12.6, 3.6)
     for ax, (metric, label) in zip(fig.subplots(1, 3), (("psnr", "PSNR, dB"), ("ssim", "SSIM"),
                                                         ("lpips", "LPIPS-alex (lower is better)"))):
-        points = sorted((r["cpu_hours"], r[metric], r["phase"]) for r in rows)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="dgae-s f8c4")
-        for x, y, phase in points:  # which phase made each point: the warm start, crop128 or full256
-            ax.annotate(phase, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        # the flat-rate run as a line; each cooldown branches off it, so its point stands alone
+        for cooled, style in ((False, dict(marker="o", label="dgae-s f8c4")),
+                              (True, dict(marker="*", markersize=9, linestyle="none", label="cooled down"))):
+            points = sorted((r["cpu_hours"], r[metric], r["phase"]) for r in rows if ("cooldown_from" in r) == cooled)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], **style)
+            for x, y, phase in points:  # which phase made each point: the warm start, crop128 or full256
+                ax.annotate(phase, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
         ax.axhline(GOALS[metric], color="grey", linestyle="--", label="goal")
         ax.set_xlabel("training, hours of a 2-core CPU")
         ax.set_title(label)
@@ -162,8 +172,12 @@ def main() -> int:
         hours = base_hours + sum(p["hours"] for p in progress)
         if start.get("phase") == phases[0].name:  # the run went on with the phase its warm start was in
             progress[0]["steps"] += int(start["step"])
+        # a cooldown (train_default_cpu.sh COOLDOWN=1) records the step of the flat run it branched from
+        decay_from = run_config(phases[-1]).get("decay_from")
+        cooldown = {} if decay_from is None else {"cooldown_from": progress[-1]["steps"] - model_step(raw) + decay_from}
         candidate = export(raw, phases[-1], args.runs / "scored" / f"{phases[-1].name}.safetensors", args.stats_data,
-                           step=str(progress[-1]["steps"]), cpu_hours=str(hours), images_seen=str(images_seen))
+                           step=str(progress[-1]["steps"]), cpu_hours=str(hours), images_seen=str(images_seen),
+                           **{k: str(v) for k, v in cooldown.items()})
     scores_file = weights / "scores.json"
     cache = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
     old = score(current, args.data, args.limit, args.steps, cache) if current.is_file() else None
@@ -176,7 +190,7 @@ def main() -> int:
     rows = [json.loads(line) for line in curve_file.read_text().splitlines()] if curve_file.is_file() else []
     row = {"date": datetime.date.today().isoformat(), "sha256": file_sha256(candidate)[:16], "phase": phases[-1].name,
            "steps": {p.name: r["steps"] for p, r in zip(phases, progress)},
-           "images_seen": images_seen, "cpu_hours": hours, "dtype": "bfloat16",  # rows without: float32 EMA
+           "images_seen": images_seen, "cpu_hours": hours, "dtype": "bfloat16", **cooldown,  # no dtype: fp32 EMA
            **{k: new[k] for k in ("images", "psnr", "ssim", "lpips", "rfid", "colour", "border")},
            "better_than_default": better}
     if not rows and old is not None:  # the curve starts at the model the run warm-started from

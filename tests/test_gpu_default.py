@@ -6,6 +6,7 @@ OUT, into a scratch weights folder: join, score, decide, card.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -187,11 +188,12 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
 
     # a new machine: full256 warm-starts from the bundled default, which it then replaces, and goes on; its steps,
     # images and hours add to the default's it started from, however often it replaces the default since
+    flat = TrainConfig(data=str(train_photos), preset="dgae-t", resolution=64, downsample=8, latent_channels=4,
+                       batch_size=2, steps=2, warmup=1, lpips_weight=0.0, workers=0, log_every=1, ckpt_every=2,
+                       sample_every=100, stats_images=2, precision="fp32")
+
     def full256_run(name: str) -> Path:
-        train(TrainConfig(data=str(train_photos), out=str(tmp_path / name / "full256"), preset="dgae-t",
-                          resolution=64, downsample=8, latent_channels=4, batch_size=2, steps=2, warmup=1,
-                          lpips_weight=0.0, workers=0, log_every=1, ckpt_every=2, sample_every=100, stats_images=2,
-                          precision="fp32", warm_start=str(current)))
+        train(dataclasses.replace(flat, out=str(tmp_path / name / "full256"), warm_start=str(current)))
         monkeypatch.setattr(sys, "argv", ["default_candidate.py", str(tmp_path / name), *args[2:-3], "--replace"])
         return tmp_path / name
 
@@ -210,3 +212,16 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     assert script.main() == 0
     meta = read_model_file(current)[0]
     assert meta["phase"] == "full256" and meta["step"] == "4" and meta["images_seen"] == "14"
+
+    # a cooldown of that run (train_default_cpu.sh COOLDOWN=1): a copy of its folder resumed with a falling rate and
+    # a shorter EMA; the row and the file record the flat run's step it branched from, and the EMA it ships
+    shutil.copytree(tmp_path / "later-still" / "full256", tmp_path / "cooldown" / "full256")
+    train(dataclasses.replace(flat, out=str(tmp_path / "cooldown" / "full256"), steps=4, min_lr=1e-6, decay_from=2,
+                              ema_decay=0.9, resume=True))
+    monkeypatch.setattr(sys, "argv", ["default_candidate.py", str(tmp_path / "cooldown"), *args[2:-3], "--replace"])
+    assert script.main() == 0
+    meta = read_model_file(current)[0]
+    assert meta["step"] == "6" and meta["cooldown_from"] == "4" and meta["weights"] == "EMA 0.9"
+    rows = [json.loads(line) for line in (weights / "default-curve.jsonl").read_text().splitlines()]
+    assert rows[-1]["cooldown_from"] == 4 and rows[-1]["steps"] == {"full256": 6}
+    assert not any("cooldown_from" in r for r in rows[:-1]) and rows[-2]["cpu_hours"] < rows[-1]["cpu_hours"]

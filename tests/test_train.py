@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def test_lr_schedule():
     assert lr_at(110, cfg) == pytest.approx(1e-5) and lr_at(500, cfg) == pytest.approx(1e-5)
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # a cooldown: flat at lr until decay_from, then the whole cosine over the steps left
+    cool = TrainConfig(lr=1e-3, min_lr=1e-5, warmup=10, steps=300, decay_from=200)
+    assert lr_at(5, cool) == lr_at(5, cfg)
+    assert lr_at(10, cool) == lr_at(199, cool) == lr_at(200, cool) == pytest.approx(1e-3)
+    assert lr_at(250, cool) == pytest.approx((1e-3 + 1e-5) / 2) and lr_at(300, cool) == pytest.approx(1e-5)
+    assert lr_at(60, TrainConfig(lr=1e-3, min_lr=1e-5, warmup=10, steps=110, decay_from=0)) == lr_at(60, cfg)
 
 
 
@@ -246,6 +253,27 @@ def test_a_run_resumes_only_with_the_same_number_of_shards(tmp_path, train_photo
         train(dataclasses.replace(cfg, steps=2, accum=1, resume=True))
     with pytest.raises(InputError, match="does not split into 1 process.* x 3 micro-batch"):
         train(dataclasses.replace(cfg, out=str(tmp_path / "other"), accum=3))
+
+
+def test_a_copy_of_a_flat_run_cools_down_and_the_flat_run_goes_on(tmp_path, train_photos):
+    """Warmup-stable-decay: a flat-rate run's folder, copied, resumes with its schedule and EMA changed (they are not
+    among what an exact resume keeps): the copy's rate falls from lr to min_lr over its own steps; the flat run is
+    untouched and goes on as if the cooldown had not happened."""
+    flat = tiny_config(train_photos, tmp_path / "flat" / "full256", steps=3, warmup=1, min_lr=1e-3, ckpt_every=3)
+    train(flat)
+    shutil.copytree(tmp_path / "flat", tmp_path / "cooldown")
+    before = (tmp_path / "flat" / "full256" / "checkpoint.safetensors").read_bytes()
+    cooldown = dataclasses.replace(flat, out=str(tmp_path / "cooldown" / "full256"), steps=7, min_lr=1e-6,
+                                   decay_from=3, ema_decay=0.9, resume=True)
+    train(cooldown)
+    cooled = [r["lr"] for r in read_log(tmp_path / "cooldown" / "full256") if "lr" in r]
+    assert cooled[:3] == [pytest.approx(1e-3)] * 3  # the flat run's steps, copied
+    assert cooled[3:] == pytest.approx([lr_at(s, cooldown) for s in range(3, 7)])  # each step's rate, before it
+    assert cooled[3] == pytest.approx(1e-3) and all(a > b for a, b in zip(cooled[3:], cooled[4:])) and cooled[-1] < 2e-4
+    assert lr_at(7, cooldown) == pytest.approx(1e-6)
+    assert (tmp_path / "flat" / "full256" / "checkpoint.safetensors").read_bytes() == before
+    train(dataclasses.replace(flat, steps=5, resume=True))
+    assert [r["lr"] for r in read_log(tmp_path / "flat" / "full256") if "lr" in r] == [pytest.approx(1e-3)] * 5
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, train_photos):
