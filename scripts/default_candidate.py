@@ -10,8 +10,8 @@
    images seen and hours of 2-core CPU wall time, summed from the phases' ``log.jsonl`` (each record's images
    over its images/s) on top of those of the model the run warm-started from, as its file recorded them when the
    run began (the first line of the log; the stand-in, which records none: ``--base-hours``, its 75 minutes).
-   A cooldown (``COOLDOWN=1 bash scripts/train_default_cpu.sh``) is scored as ``RUNS/cooldown``: its row and file
-   also record the step of the flat run it branched from (``cooldown_from``).
+   A cooldown (a copy of the flat run's folder, resumed with ``train --decay-from``) is scored as its own RUNS: its
+   row and file also record the step of the flat run it branched from (``cooldown_from``).
 2. `bench rfid` scores it and the bundled default on the evaluation set (all 500 images unless ``--limit``, 8
    Euler steps, uniform grid, seed 0, LPIPS-alex; the default's scores come from ``weights/scores.json`` when it
    holds them for the same settings): PSNR, SSIM, LPIPS, rFID, the mean colour offset and the border ratio.
@@ -172,7 +172,7 @@ def main() -> int:
         hours = base_hours + sum(p["hours"] for p in progress)
         if start.get("phase") == phases[0].name:  # the run went on with the phase its warm start was in
             progress[0]["steps"] += int(start["step"])
-        # a cooldown (train_default_cpu.sh COOLDOWN=1) records the step of the flat run it branched from
+        # a cooldown (train --decay-from on a copy of the flat run) records the step it branched from
         decay_from = run_config(phases[-1]).get("decay_from")
         cooldown = {} if decay_from is None else {"cooldown_from": progress[-1]["steps"] - model_step(raw) + decay_from}
         candidate = export(raw, phases[-1], args.runs / "scored" / f"{phases[-1].name}.safetensors", args.stats_data,

@@ -15,14 +15,6 @@
 # blocks), which the bundled default's run took on at full256 step 2750 against its colour cast. Then
 # `python scripts/default_candidate.py` scores the newest weights against the bundled ones. The recipe and why:
 # weights/README.md. PROCS=2 trains in two processes (scripts/cpu_processes.sh: faster than threads on a CPU).
-#
-#   COOLDOWN=1 MINUTES=40 bash scripts/train_default_cpu.sh
-#
-# cools the full256 run down instead (warmup-stable-decay): a copy of its newest checkpoint, in $RUNS/cooldown
-# (replacing an earlier cooldown), trains MINUTES more with the learning rate falling from 1e-4 to 1e-6 on a cosine
-# fitted to the minutes, and an EMA of 0.99 (at 0.999 three quarters of the EMA would still be weights from before
-# the cooldown). The flat run itself is left as it was, to go on; `python scripts/default_candidate.py
-# $RUNS/cooldown` scores the cooled model. An interrupted cooldown is started again from the flat run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cpu_processes.sh
@@ -31,10 +23,9 @@ runs=${RUNS:-$HOME/.cache/dgaetok/runs/default}
 minutes=${MINUTES:-60}
 steps128=${STEPS128:-2500}
 steps256=${STEPS256:-1000000}
-common=(--preset dgae-s -f 8 -c 4 --resolution 256 --batch-size 8 --lr 1e-4 --warmup 100
-        --lpips-net alex --lpips-weight 1.0 --lowpass-weight 10 --kl-weight 1e-6 --precision auto
+common=(--preset dgae-s -f 8 -c 4 --resolution 256 --batch-size 8 --lr 1e-4 --min-lr 1e-4 --warmup 100
+        --lpips-net alex --lpips-weight 1.0 --lowpass-weight 10 --kl-weight 1e-6 --ema-decay 0.999 --precision auto
         --ckpt-every 100 --sample-every 1000 --sample-steps 8 --log-every 25 --workers 1 --stats-images 64)
-schedule=(--min-lr 1e-4 --ema-decay 0.999)  # flat: a run cut into any number of invocations trains the same way
 last_step() { python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1]).get('step', 0))" "$1/log.jsonl" 2>/dev/null || echo 0; }
 
 train() {  # dir crop steps init
@@ -49,22 +40,8 @@ train() {  # dir crop steps init
   local accum
   accum=$(accum_for "$dir")
   run_dgaetok train "$data" --out "$dir" --crop "$2" --steps "$3" --minutes "$minutes" \
-    --accum "$accum" "${common[@]}" "${start[@]}" "${schedule[@]}"
+    --accum "$accum" "${common[@]}" "${start[@]}"
 }
-
-if [ -n "${COOLDOWN:-}" ]; then
-  [ -f "$runs/full256/checkpoint.safetensors" ] || { echo "$runs/full256: no checkpoint to cool down" >&2; exit 1; }
-  rm -rf "$runs/cooldown.partial"
-  mkdir -p "$runs/cooldown.partial"
-  cp -r "$runs/full256" "$runs/cooldown.partial/full256"
-  rm -rf "$runs/cooldown"
-  mv "$runs/cooldown.partial" "$runs/cooldown"
-  from=$(python -c "import sys; from safetensors import safe_open
-print(safe_open(sys.argv[1], 'pt').metadata()['step'])" "$runs/cooldown/full256/checkpoint.safetensors")
-  schedule=(--min-lr 1e-6 --ema-decay 0.99 --decay-from "$from")
-  train "$runs/cooldown/full256" 256 $((from + 1000000)) none
-  exit 0
-fi
 
 # A bundled default that this recipe made past crop128 (its file names the phase and step) lets a new machine go on
 # at full size from it. The python that runs dgaetok reads the file; if it cannot, say so rather than start over.

@@ -213,7 +213,7 @@ def test_the_cpu_candidate_is_scored_drawn_and_replaces_the_default_only_if_bett
     meta = read_model_file(current)[0]
     assert meta["phase"] == "full256" and meta["step"] == "4" and meta["images_seen"] == "14"
 
-    # a cooldown of that run (train_default_cpu.sh COOLDOWN=1): a copy of its folder resumed with a falling rate and
+    # a cooldown of that run: a copy of its folder resumed with a falling rate (--decay-from) and
     # a shorter EMA; the row and the file record the flat run's step it branched from, and the EMA it ships
     shutil.copytree(tmp_path / "later-still" / "full256", tmp_path / "cooldown" / "full256")
     train(dataclasses.replace(flat, out=str(tmp_path / "cooldown" / "full256"), steps=4, min_lr=1e-6, decay_from=2,
