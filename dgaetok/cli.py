@@ -533,8 +533,8 @@ def train(
     run_training(
         data, out_dir, preset=preset, resolution=resolution, downsample=downsample,
         latent_channels=latent_channels, crop=crop, batch_size=batch_size, accum=accum,
-        grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr,
-        warmup=warmup, decay_from=decay_from, kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
+        grad_checkpoint=grad_checkpoint, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup, decay_from=decay_from,
+        kl_weight=kl_weight, lpips_weight=lpips_weight, lpips_net=lpips_net, ema_decay=ema_decay,
         lowpass_weight=lowpass_weight, arch=arch, rec_loss=rec_loss, disc_start=disc_start, disc_weight=disc_weight,
         collapse_windows=collapse_windows,
         log_every=log_every, ckpt_every=ckpt_every, sample_every=sample_every, sample_steps=sample_steps,

@@ -687,6 +687,20 @@ def test_train_on_a_folder_without_a_readable_image(tmp_path):
     assert not out.exists()
 
 
+def test_train_decay_from_cools_down_a_copy_of_a_flat_run(tmp_path, train_photos):
+    """--decay-from reaches the schedule: the copy, resumed, keeps --lr to that step, then falls to --min-lr."""
+    args = ("--preset", "dgae-t", "--resolution", 32, "-f", 8, "-c", 4, "--batch-size", 2, "--workers", 0,
+            "--lpips-weight", 0, "--device", "cpu", "--lr", 1e-3, "--warmup", 1, "--log-every", 1)
+    result = cli("train", train_photos, "--out", tmp_path / "flat", "--steps", 2, "--min-lr", 1e-3, *args)
+    assert result.exit_code == 0, result.output
+    shutil.copytree(tmp_path / "flat", tmp_path / "cool")
+    result = cli("train", train_photos, "--out", tmp_path / "cool", "--steps", 4, "--min-lr", 1e-6, "--decay-from", 2,
+                 "--resume", *args)
+    assert result.exit_code == 0, result.output
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "cool" / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, (1e-3 + 1e-6) / 2])
+
+
 def test_file_names_with_brackets_are_printed_literally(tmp_path, tiny_model_file):
     """Rich markup must not eat `[bold]` in a file name, nor crash on `[/b]`."""
     src = tmp_path / "src"

@@ -44,4 +44,3 @@ def test_a_recipe_refuses_processes_that_do_not_divide_its_runs_shards(tmp_path,
     assert done.stderr.strip().splitlines() == [
         f"{run / 'checkpoint.safetensors'}: this run has 1 shard(s) (processes x accum); PROCS=2 does not divide them"]
     assert not (run / "log.jsonl").exists()
-
