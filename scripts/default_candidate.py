@@ -66,13 +66,13 @@ def run_config(phase: Path) -> dict:
         return json.loads(fh.metadata()["train_config"])
 
 
-def export(model_file: Path, phase: Path, dst: Path, stats_data: Path | None = None, **record: str) -> Path:
+def export(model_file: Path, phase: Path, run: dict, dst: Path, stats_data: Path | None = None, **record: str) -> Path:
     """The model as the default would ship: bfloat16, its training recorded, its latent statistics (a run stopped
     before its end has none: measured as the run would have, over its --stats-images of its training data, or of
     ``stats_data``) under the training folder's name rather than its path on the machine that trained. Scored as it
     is, and, if it replaces the default, that very file: bf16 rounding moves the 8-step scores by about 0.001 in
     SSIM."""
-    model, run = load_model(model_file), run_config(phase)
+    model = load_model(model_file)
     if model.latent_stats is None:
         data = stats_data or Path(run["data"])
         if not data.is_dir():  # a run folder copied from another machine names that machine's folder
@@ -173,9 +173,11 @@ def main() -> int:
         if start.get("phase") == phases[0].name:  # the run went on with the phase its warm start was in
             progress[0]["steps"] += int(start["step"])
         # a cooldown (train --decay-from on a copy of the flat run) records the step it branched from
-        decay_from = run_config(phases[-1]).get("decay_from")
+        run = run_config(phases[-1])
+        decay_from = run.get("decay_from")
         cooldown = {} if decay_from is None else {"cooldown_from": progress[-1]["steps"] - model_step(raw) + decay_from}
-        candidate = export(raw, phases[-1], args.runs / "scored" / f"{phases[-1].name}.safetensors", args.stats_data,
+        candidate = export(raw, phases[-1], run, args.runs / "scored" / f"{phases[-1].name}.safetensors",
+                           args.stats_data,
                            step=str(progress[-1]["steps"]), cpu_hours=str(hours), images_seen=str(images_seen),
                            **{k: str(v) for k, v in cooldown.items()})
     scores_file = weights / "scores.json"
