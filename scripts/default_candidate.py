@@ -55,15 +55,18 @@ def snapshot(phase: Path, tmp: Path) -> Path:
     return tmp / "model.safetensors"
 
 
-def model_step(path: Path) -> int:
+def metadata(path: Path) -> dict:
     with safe_open(str(path), "pt") as fh:
-        return int(fh.metadata()["step"])
+        return fh.metadata()
+
+
+def model_step(path: Path) -> int:
+    return int(metadata(path)["step"])
 
 
 def run_config(phase: Path) -> dict:
     """The phase's training settings, as its checkpoint records them."""
-    with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
-        return json.loads(fh.metadata()["train_config"])
+    return json.loads(metadata(phase / "checkpoint.safetensors")["train_config"])
 
 
 def export(model_file: Path, phase: Path, run: dict, dst: Path, stats_data: Path | None = None, **record: str) -> Path:
@@ -102,8 +105,7 @@ def warm_start_record(phase: Path, current: Path) -> dict:
 def run_progress(phase: Path, step: int | None = None) -> dict:
     """Steps, images seen and training hours of one phase up to ``step`` (default: its checkpoint's), from its log
     (the last record for each step: a run killed between checkpoints logs some steps twice)."""
-    with safe_open(str(phase / "checkpoint.safetensors"), "pt") as fh:
-        meta = fh.metadata()
+    meta = metadata(phase / "checkpoint.safetensors")
     batch, step = json.loads(meta["train_config"])["batch_size"], step or int(meta["step"])
     records = {}
     for line in (phase / "log.jsonl").read_text().splitlines():
