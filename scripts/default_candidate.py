@@ -64,9 +64,10 @@ def model_step(path: Path) -> int:
     return int(metadata(path)["step"])
 
 
-def run_config(phase: Path) -> dict:
-    """The phase's training settings, as its checkpoint records them."""
-    return json.loads(metadata(phase / "checkpoint.safetensors")["train_config"])
+def checkpoint_record(phase: Path) -> tuple[dict, int]:
+    """The phase's training settings and step, as its checkpoint records them."""
+    meta = metadata(phase / "checkpoint.safetensors")
+    return json.loads(meta["train_config"]), int(meta["step"])
 
 
 def export(model_file: Path, phase: Path, run: dict, dst: Path, stats_data: Path | None = None, **record: str) -> Path:
@@ -102,11 +103,9 @@ def warm_start_record(phase: Path, current: Path) -> dict:
     return read_model_file(current)[0] if current.is_file() and phase.name != PHASES[0] else {}
 
 
-def run_progress(phase: Path, step: int | None = None) -> dict:
-    """Steps, images seen and training hours of one phase up to ``step`` (default: its checkpoint's), from its log
-    (the last record for each step: a run killed between checkpoints logs some steps twice)."""
-    meta = metadata(phase / "checkpoint.safetensors")
-    batch, step = json.loads(meta["train_config"])["batch_size"], step or int(meta["step"])
+def run_progress(phase: Path, batch: int, step: int) -> dict:
+    """Steps, images seen and training hours of one phase up to ``step``, from its log (the last record for each
+    step: a run killed between checkpoints logs some steps twice)."""
     records = {}
     for line in (phase / "log.jsonl").read_text().splitlines():
         try:
@@ -165,7 +164,11 @@ def main() -> int:
         raise SystemExit(f"{args.runs}: no run of scripts/train_default_cpu.sh there ({args.phase or 'any phase'})")
     with tempfile.TemporaryDirectory() as tmp:
         raw = snapshot(phases[-1], Path(tmp))
-        progress = [run_progress(p) for p in phases[:-1]] + [run_progress(phases[-1], model_step(raw))]
+        # each phase up to its checkpoint, the last up to the model scored (a run in progress may have gone on)
+        records = [checkpoint_record(p) for p in phases]
+        steps = [step for _, step in records[:-1]] + [model_step(raw)]
+        progress = [run_progress(p, config["batch_size"], s) for p, (config, _), s in zip(phases, records, steps)]
+        run = records[-1][0]
         weights = weights_dir()
         current = weights / "default.safetensors"
         start = warm_start_record(phases[0], current)
@@ -175,13 +178,11 @@ def main() -> int:
         if start.get("phase") == phases[0].name:  # the run went on with the phase its warm start was in
             progress[0]["steps"] += int(start["step"])
         # a cooldown (train --decay-from on a copy of the flat run) records the step it branched from
-        run = run_config(phases[-1])
         decay_from = run.get("decay_from")
-        cooldown = {} if decay_from is None else {"cooldown_from": progress[-1]["steps"] - model_step(raw) + decay_from}
+        cooldown = {} if decay_from is None else {"cooldown_from": progress[-1]["steps"] - steps[-1] + decay_from}
         candidate = export(raw, phases[-1], run, args.runs / "scored" / f"{phases[-1].name}.safetensors",
-                           args.stats_data,
-                           step=str(progress[-1]["steps"]), cpu_hours=str(hours), images_seen=str(images_seen),
-                           **{k: str(v) for k, v in cooldown.items()})
+                           stats_data=args.stats_data, step=str(progress[-1]["steps"]), cpu_hours=str(hours),
+                           images_seen=str(images_seen), **{k: str(v) for k, v in cooldown.items()})
     scores_file = weights / "scores.json"
     cache = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
     old = score(current, args.data, args.limit, args.steps, cache) if current.is_file() else None
