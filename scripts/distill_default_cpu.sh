@@ -13,8 +13,10 @@
 # distillation"). Whole 256 px images rather than crops, so that the student's GroupNorm sees in training the
 # statistics it decodes with (crops shifted the default's colours). The learning rate is constant after its
 # warm-up, so a run cut into invocations of any length trains the same way; the EMA weights are what is exported.
-# A new run (a new default, or a new machine) starts the student's decoder from the bundled one-step decoder's, which
-# decodes in one step already (of the previous default, or of this one), and says so; the encoder is the default's.
+# A new run (a new default, or a new machine) starts as the teacher itself, whose one step the student must beat (a
+# student warm-started from the previous one fell behind it once the default's one step had moved on:
+# benchmarks/RESULTS.md); WARM_START=FILE starts its decoder from FILE instead (an earlier student). The encoder is
+# always the default's.
 # PROCS and THREADS set processes and threads (scripts/cpu_processes.sh), for a machine that also trains, say.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +24,13 @@ source scripts/cpu_processes.sh
 data=${1:-${DATA:-../shared/data/train}}
 hash=$(sha256sum weights/default.safetensors | cut -c1-8)
 run=${RUN:-$HOME/.cache/dgaetok/runs/default-1step-$hash}
-student=weights/default-1step.safetensors
 if [ -f "$run/checkpoint.safetensors" ]; then
   start=(--resume)
-elif [ -f "$student" ]; then
-  echo "note: $run starts its decoder from $student (warm start), its encoder from the default" >&2
-  start=(--warm-start "$student")
+elif [ -n "${WARM_START:-}" ]; then
+  echo "note: $run starts its decoder from $WARM_START (warm start), its encoder from the default" >&2
+  start=(--warm-start "$WARM_START")
 else
+  echo "note: $run starts as its teacher, weights/default.safetensors" >&2
   start=()
 fi
 batch=4
